@@ -1,0 +1,32 @@
+"""The ``relkd`` command line, built on python-fire.
+
+Each sub-command is a plain function that lives beside the code it drives; this module only names them::
+
+    relkd synth --out DIR [--scale 1.0 --size 128 --seed 0]
+    relkd datalist --root R --test_site UCL [--val_fraction 0.2 --seed 0] --out datalist.json
+    relkd profile --network monai_relkd.networks.ENet --shape 1,1,384,384
+
+``relkd COMMAND --help`` prints the arguments of one command.
+"""
+
+from __future__ import annotations
+
+import fire
+
+
+def commands() -> dict:
+    """Return the mapping ``name -> function`` of every ``relkd`` sub-command."""
+    from monai_relkd.data.sites import datalist_command
+    from monai_relkd.data.synthetic import synth_command
+    from monai_relkd.profiling import profile_command
+
+    return {"synth": synth_command, "datalist": datalist_command, "profile": profile_command}
+
+
+def main() -> None:
+    """Entry point of the ``relkd`` console script."""
+    fire.Fire(commands(), name="relkd")
+
+
+if __name__ == "__main__":
+    main()
