@@ -1,0 +1,353 @@
+"""``DistillationTrainer``: MONAI ``SupervisedTrainer`` with a frozen teacher and feature taps."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from ignite.engine import Events
+from torch import nn
+
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.inferers import SimpleInferer
+from monai.utils import CommonKeys as Keys
+
+from .taps import FeatureTaps, _first_tensor, unwrap_module
+from .teacher import freeze, strip_wrappers, teacher_required
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+__all__ = [
+    "DistillationTrainer",
+    "DistillationLossAdapter",
+    "LOSS_TERM_KEYS",
+    "loss_terms_from_engine",
+    "distillation_parameters",
+]
+
+logger = logging.getLogger(__name__)
+
+#: keys of the loss dict returned by ``RelationalDistillationLoss`` (besides the total ``"loss"``).
+LOSS_TERMS: tuple[str, ...] = ("seg", "logits", "km", "aa")
+#: keys written into the iteration output (``engine.state.output``): the total and one per term.
+LOSS_TERM_KEYS: tuple[str, ...] = (Keys.LOSS,) + tuple(f"loss_{t}" for t in LOSS_TERMS)
+
+
+def loss_terms_from_engine(output: Any) -> dict[str, float] | None:
+    """
+    ``output_transform`` for ``StatsHandler`` / ``TensorBoardStatsHandler``: the total loss and each distillation
+    term of a ``DistillationTrainer`` iteration, as ``{"loss": .., "loss_seg": .., "loss_logits": .., "loss_km": ..,
+    "loss_aa": ..}`` of Python floats (keys absent from the output are left out).
+
+    Works on the decollated output (a list of per-sample dicts, ``decollate=True``, where MONAI replicates the
+    scalar values into every item: the first item is read) and on the plain output dict (``decollate=False``).
+
+    Bundle config::
+
+        {"_target_": "StatsHandler", "tag_name": "train_loss",
+         "output_transform": "$monai_relkd.engines.loss_terms_from_engine"}
+
+    Returns:
+        the dict, or ``None`` for an empty output (handlers then log nothing).
+    """
+    if isinstance(output, (list, tuple)):
+        output = output[0] if len(output) > 0 else None
+    if not isinstance(output, dict):
+        return None
+    terms: dict[str, float] = {}
+    for key in LOSS_TERM_KEYS:
+        if key in output and output[key] is not None:
+            value = output[key]
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().mean().item()
+            terms[key] = float(value)
+    return terms or None
+
+
+def distillation_parameters(network: nn.Module, loss_function: Any) -> list[nn.Parameter]:
+    """
+    The trainable parameters of the student and of the loss (e.g. the kernel-matrix 1×1 connectors), without
+    duplicates, for the optimizer. Use it in bundle configs so learning-rate schedulers see every group::
+
+        "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3,
+                      "params": "$monai_relkd.engines.distillation_parameters(@network, @loss)"}
+    """
+    seen: set[int] = set()
+    params: list[nn.Parameter] = []
+    modules = [network] + ([loss_function] if isinstance(loss_function, nn.Module) else [])
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+class DistillationLossAdapter:
+    """
+    The ``loss_function(pred, label)`` callable handed to ``SupervisedTrainer``: it completes the distillation
+    inputs and calls the real loss as
+    ``loss(student_logits, teacher_logits, student_features, teacher_features, label)``.
+
+    ``SupervisedTrainer._iteration`` (MONAI 1.5.x and 1.6.x) runs the student through the inferer, stores the
+    input batch as ``engine.state.output[Keys.IMAGE]`` and calls ``engine.loss_function(pred, label)`` inside the
+    same autocast context. Here the student features are read from the student taps (captured during that
+    forward), the teacher runs on ``engine.state.output[Keys.IMAGE]`` under ``torch.no_grad()`` in eval mode, and
+    every term of the returned dict is stored in ``engine.state.output`` as ``loss_<term>`` (detached). The
+    total ``out["loss"]`` is returned; MONAI stores it as ``Keys.LOSS`` and back-propagates it.
+
+    A model output that is a tuple/list/dict (e.g. deep supervision) contributes its first tensor.
+    """
+
+    def __init__(
+        self,
+        loss: Callable[..., dict],
+        teacher: nn.Module | None,
+        student_taps: FeatureTaps,
+        teacher_taps: FeatureTaps,
+    ) -> None:
+        self.loss = loss
+        self.teacher = teacher
+        self.student_taps = student_taps
+        self.teacher_taps = teacher_taps
+        self.engine: SupervisedTrainer | None = None
+
+    def attach(self, engine: SupervisedTrainer) -> None:
+        self.engine = engine
+
+    def __call__(self, pred: Any, label: torch.Tensor) -> torch.Tensor:
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("DistillationLossAdapter is not attached to a trainer.")
+        image = engine.state.output[Keys.IMAGE]
+        student_logits = _first_tensor(pred)
+        student_features = self.student_taps.features()
+        teacher_logits, teacher_features = None, []
+        if self.teacher is not None:  # None: no distillation term is on (the baseline), nothing to run
+            self.teacher.eval()  # re-asserted every iteration: a handler may have called .train() on everything
+            with torch.no_grad():
+                self.teacher_taps.clear()
+                teacher_logits = _first_tensor(self.teacher(image))
+                teacher_features = self.teacher_taps.features()
+        try:
+            out = self.loss(student_logits, teacher_logits, student_features, teacher_features, label)
+        finally:
+            self.student_taps.clear()
+            self.teacher_taps.clear()
+        if not isinstance(out, dict) or Keys.LOSS not in out:
+            raise TypeError(
+                "the distillation loss must return a dict with a 'loss' key (and 'seg', 'logits', 'km', 'aa'), "
+                f"got {type(out).__name__}."
+            )
+        for term in LOSS_TERMS:
+            value = out.get(term)
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().mean()
+            engine.state.output[f"loss_{term}"] = value if value is not None else torch.zeros(())
+        return out[Keys.LOSS]
+
+
+class DistillationTrainer(SupervisedTrainer):
+    """
+    Knowledge distillation on MONAI's ``SupervisedTrainer``: the student (``network``) is trained, a frozen
+    teacher provides logits and feature maps, and the loss sees
+    ``(student_logits, teacher_logits, student_features, teacher_features, label)``.
+
+    MONAI's own iteration (amp, gradient accumulation, compile, events, decollate) is kept: the trainer hands
+    ``SupervisedTrainer`` a :py:class:`DistillationLossAdapter` as ``loss_function`` (the real loss stays available
+    as ``trainer.distillation_loss``).
+
+    Teacher: DDP/DataParallel wrappers are removed (the teacher is never DDP-wrapped), moved to ``device``,
+    ``requires_grad=False``, eval mode (re-asserted at every iteration) and run under ``torch.no_grad()`` on the
+    same input batch as the student (the extra ``args``/``kwargs`` of a 4-tuple ``prepare_batch`` are not passed).
+
+    Taps: ``student_taps[i]`` is paired with ``teacher_taps[i]``; names are those of ``named_modules()`` of the
+    unwrapped models (DDP ``.module`` / ``torch.compile`` ``._orig_mod`` are looked through) and are validated
+    here. Both may be empty when the loss uses no features (``lambda_km == lambda_aa == 0``). Features are
+    captured by forward hooks during the student's forward pass through the inferer: use ``SimpleInferer``
+    (the default) for training; with a sliding-window inferer only the last window's features would be kept.
+
+    Iteration output (``engine.state.output``, per item after decollation): MONAI's ``image``, ``label``,
+    ``pred``, ``loss`` plus ``loss_seg``, ``loss_logits``, ``loss_km``, ``loss_aa``. Log them with
+    ``StatsHandler(output_transform=monai_relkd.engines.loss_terms_from_engine)``.
+
+    Trainable loss parameters (the KM connectors): ``loss_function`` is moved to ``device``; its parameters
+    missing from ``optimizer`` are added as a new param group (logged). Learning-rate schedulers built before
+    the trainer do not know that group: prefer building the optimizer with
+    :py:func:`distillation_parameters`. Under DDP (``torch.distributed`` initialised, world size > 1) the loss
+    module is not DDP-wrapped, so the connector gradients are all-reduced (averaged) here after each backward.
+
+    Example::
+
+        loss = RelationalDistillationLoss(lambda_km=1.0, lambda_aa=1.0, student_channels=[16],
+                                          teacher_channels=[64])
+        trainer = DistillationTrainer(
+            device=torch.device("cpu"), max_epochs=10, train_data_loader=loader, network=student,
+            optimizer=torch.optim.Adam(distillation_parameters(student, loss), 1e-3), loss_function=loss,
+            teacher=load_teacher(teacher_net, "models/teacher.pt"),
+            student_taps=["model.1.submodule.0"], teacher_taps=["model.1.submodule.1"],
+        )
+        trainer.run()
+
+    Args:
+        device: training device (the teacher and the loss module are moved there).
+        max_epochs, train_data_loader, network, optimizer: as ``SupervisedTrainer``; ``network`` is the student.
+        loss_function: a ``RelationalDistillationLoss``-compatible callable
+            ``(student_logits, teacher_logits, student_features, teacher_features, label) -> dict`` with keys
+            ``"loss"`` (total) and ``"seg"``, ``"logits"``, ``"km"``, ``"aa"``.
+        teacher: the teacher network (e.g. from :py:func:`monai_relkd.engines.load_teacher`).
+        student_taps: student module names whose outputs are the student features.
+        teacher_taps: teacher module names, paired by position with ``student_taps``.
+        kwargs: any other ``SupervisedTrainer`` argument (``epoch_length``, ``inferer``, ``train_handlers``,
+            ``amp``, ``decollate``, ``accumulation_steps``, ...).
+
+    Raises:
+        TypeError: ``teacher`` is not an ``nn.Module`` or ``loss_function`` is not callable.
+        ValueError: unknown tap names; unequal numbers of student and teacher taps; taps missing while the loss
+            has ``lambda_km``/``lambda_aa`` > 0 or a ``student_channels`` length that differs from the taps; the
+            teacher is the student; teacher parameters in the optimizer.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: Optimizer,
+        loss_function: Callable,
+        teacher: nn.Module | None,
+        student_taps: Sequence[str] = (),
+        teacher_taps: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        if teacher is None:
+            if teacher_required(loss_function):
+                raise ValueError(
+                    "teacher is None but the loss has a distillation term on (lambda_logits, lambda_km or "
+                    "lambda_aa > 0): give a teacher, or set every lambda to 0 to train without distillation."
+                )
+            if student_taps or teacher_taps:
+                logger.info("DistillationTrainer: no teacher (every lambda is 0): the feature taps are not used.")
+        elif not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}.")
+        if not callable(loss_function):
+            raise TypeError(f"loss_function must be callable, got {type(loss_function).__name__}.")
+        student_taps, teacher_taps = list(student_taps or ()), list(teacher_taps or ())
+        if teacher is None:
+            student_taps, teacher_taps = [], []
+        if len(student_taps) != len(teacher_taps):
+            raise ValueError(
+                f"student_taps and teacher_taps are paired by position and must have the same length, got "
+                f"{len(student_taps)} student and {len(teacher_taps)} teacher taps."
+            )
+        self._check_loss_taps(loss_function, len(student_taps))
+        device = torch.device(device) if isinstance(device, str) else device
+        if teacher is not None:
+            teacher = strip_wrappers(teacher)
+            if unwrap_module(teacher) is unwrap_module(network):
+                raise ValueError("teacher and network (the student) are the same module.")
+            teacher_ids = {id(p) for p in teacher.parameters()}
+            if any(id(p) in teacher_ids for g in optimizer.param_groups for p in g["params"]):
+                raise ValueError("the optimizer holds teacher parameters: build it from the student (and loss) only.")
+            freeze(teacher.to(device))
+        if isinstance(loss_function, nn.Module):
+            loss_function.to(device)
+        self._add_loss_params_to_optimizer(optimizer, loss_function)
+
+        inferer = kwargs.get("inferer")
+        if student_taps and inferer is not None and not isinstance(inferer, SimpleInferer):
+            logger.warning(
+                "DistillationTrainer: taps keep the features of the last forward call; with %s the student "
+                "features may not match the whole prediction. Use SimpleInferer for training.",
+                type(inferer).__name__,
+            )
+
+        # hooks go on the plain student before SupervisedTrainer may wrap it with torch.compile
+        self.student_taps = FeatureTaps(network, student_taps)
+        self.teacher_taps = FeatureTaps(teacher if teacher is not None else nn.Identity(), teacher_taps, detach=True)
+        self.teacher = teacher
+        self.distillation_loss = loss_function
+        adapter = DistillationLossAdapter(loss_function, teacher, self.student_taps, self.teacher_taps)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=adapter,
+            **kwargs,
+        )
+        adapter.attach(self)
+        self.add_event_handler(Events.ITERATION_STARTED, DistillationTrainer._start_iteration)
+        if isinstance(loss_function, nn.Module) and any(p.requires_grad for p in loss_function.parameters()):
+            self.add_event_handler(IterationEvents.BACKWARD_COMPLETED, DistillationTrainer._all_reduce_loss_grads)
+
+    @staticmethod
+    def _start_iteration(engine: DistillationTrainer) -> None:
+        if engine.teacher is not None:
+            engine.teacher.eval()
+        engine.student_taps.clear()
+        engine.teacher_taps.clear()
+
+    @staticmethod
+    def _all_reduce_loss_grads(engine: DistillationTrainer) -> None:
+        """Average the loss module's gradients (KM connectors) across ranks: the loss is not DDP-wrapped."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        world = dist.get_world_size()
+        for p in engine.distillation_loss.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(world)
+
+    @staticmethod
+    def _check_loss_taps(loss_function: Any, n_taps: int) -> None:
+        lambdas = {k: getattr(loss_function, k, 0.0) for k in ("lambda_km", "lambda_aa")}
+        active = [k for k, v in lambdas.items() if isinstance(v, (int, float)) and v > 0]
+        if active and n_taps == 0:
+            raise ValueError(f"the loss has {', '.join(f'{k}>0' for k in active)} but no feature taps were given.")
+        # RelationalDistillationLoss builds one KM connector per feature pair (``km_losses``)
+        connectors = getattr(loss_function, "km_losses", None)
+        channels = getattr(loss_function, "student_channels", None)
+        expected = None
+        if isinstance(connectors, nn.ModuleList) and len(connectors) > 0:
+            expected = len(connectors)
+        elif isinstance(channels, Sequence) and len(channels) > 0:
+            expected = len(channels)
+        if active and expected is not None and expected != n_taps:
+            raise ValueError(
+                f"the loss was built for {expected} feature pair(s) (student_channels/teacher_channels) "
+                f"but {n_taps} tap pair(s) were given."
+            )
+
+    @staticmethod
+    def _add_loss_params_to_optimizer(optimizer: Optimizer, loss_function: Any) -> None:
+        if not isinstance(loss_function, nn.Module):
+            return
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [p for p in loss_function.parameters() if p.requires_grad and id(p) not in held]
+        if not missing:
+            return
+        group: dict[str, Any] = {"params": missing}
+        optimizer.add_param_group(group)
+        scheduled = any("initial_lr" in g for g in optimizer.param_groups[:-1])
+        if scheduled:
+            optimizer.param_groups[-1].setdefault("initial_lr", optimizer.param_groups[-1]["lr"])
+        logger.info(
+            "DistillationTrainer: added %d trainable loss parameter(s) (%d values, e.g. KM connectors) to the "
+            "optimizer as a new param group.",
+            len(missing),
+            sum(p.numel() for p in missing),
+        )
+        if scheduled:
+            logger.warning(
+                "DistillationTrainer: a learning-rate scheduler was created before the loss parameters were added "
+                "to the optimizer; it may not schedule them. Build the optimizer with "
+                "monai_relkd.engines.distillation_parameters(network, loss) instead."
+            )
