@@ -1,0 +1,203 @@
+"""Helpers that the bundle configs call: where the bundle lives, which data it uses, and its datalist.
+
+Bundles hold configuration only; the little logic a config needs lives here so that every bundle shares it::
+
+    "bundle_root": "$monai_relkd.bundle_support.bundle_root()",
+    "dataset_dir": "$monai_relkd.bundle_support.default_dataset_dir()",
+    "datalist": "$monai_relkd.bundle_support.bundle_datalist(@dataset_dir, @test_site, @val_fraction, @seed)",
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["bundle_root", "default_dataset_dir", "bundle_datalist", "list_images", "split_cases", "site_name_formatter",
+           "DATA_DIR_ENV"]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable that moves the cache of the embedded synthetic data set.
+DATA_DIR_ENV = "MONAI_RELKD_DATA_DIR"
+
+
+def _root_from_config_path(path: str | os.PathLike) -> Path:
+    parent = Path(path).resolve().parent
+    return parent.parent if parent.name == "configs" else parent
+
+
+def bundle_root() -> str:
+    """Return the folder of the bundle whose config is being parsed.
+
+    MONAI's own convention is ``"bundle_root": "."`` (run from inside the bundle). To make
+    ``python -m monai.bundle run training --config_file bundles/<b>/configs/train.json`` work from any folder,
+    this looks up the call stack for the ``ConfigWorkflow`` (or a ``monai.bundle`` script's ``config_file``)
+    that is parsing the config and returns the folder above ``configs/``. Falls back to the current directory,
+    as MONAI does. An explicit ``--bundle_root`` override (MONAI Label passes one) skips this function.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            local = frame.f_locals
+            # read the instance dict: ConfigParser/ConfigWorkflow resolve unknown attributes as config ids
+            root_path = getattr(local.get("self"), "__dict__", {}).get("config_root_path")
+            if isinstance(root_path, Path):
+                return str(_root_from_config_path(root_path / "x.json"))
+            for key in ("config_file_", "config_file"):
+                value = local.get(key)
+                if isinstance(value, (list, tuple)) and value:
+                    value = value[0]
+                if isinstance(value, (str, os.PathLike)) and str(value).endswith((".json", ".yaml", ".yml")):
+                    if Path(value).is_file():
+                        return str(_root_from_config_path(value))
+            frame = frame.f_back
+    finally:
+        del frame
+    return os.getcwd()
+
+
+def default_dataset_dir(scale: float = 0.5, size: int = 128, seed: int = 0) -> str:
+    """Return the embedded synthetic six-site data set, generating it on first use.
+
+    The set lives in ``$MONAI_RELKD_DATA_DIR`` or ``~/.cache/monai_relkd/synthetic``, one folder per
+    ``(scale, size, seed)``. Generation writes to a temporary folder beside it and renames it into place, so an
+    interrupted run never leaves a half-written set behind.
+
+    Args:
+        scale: fraction of the public case counts per site (at least one case per site).
+        size: in-plane matrix of the generated volumes.
+        seed: generator seed; the same seed gives the same bytes.
+    """
+    from monai_relkd.data.synthetic import generate_six_site_dataset
+
+    base = Path(os.environ.get(DATA_DIR_ENV) or Path.home() / ".cache" / "monai_relkd" / "synthetic")
+    target = base / f"scale{scale:g}_size{int(size)}_seed{int(seed)}"
+    if target.is_dir():
+        return str(target)
+    base.mkdir(parents=True, exist_ok=True)
+    logger.info(f"monai_relkd: no dataset_dir given; generating the synthetic six-site set at {target} (first use).")
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=base))
+    try:
+        generate_six_site_dataset(staging, scale=scale, size=size, seed=seed)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race: use its copy
+            if not target.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def bundle_datalist(
+    dataset_dir: str | os.PathLike,
+    test_site: str = "UCL",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    datalist_file: str | os.PathLike | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Return the leave-one-site-out datalist a bundle trains, validates and tests on.
+
+    Args:
+        dataset_dir: root holding one folder per site. A folder that does not exist is an error: a user-supplied
+            path never falls back silently to the synthetic set.
+        test_site: the held-out site (its cases form the ``test`` list).
+        val_fraction: fraction of each training site drawn for validation.
+        seed: seed of that draw.
+        datalist_file: a datalist JSON written by ``relkd datalist``; when given, it is used as is.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...]}`` of ``{"image", "label", "site", "case"}``.
+    """
+    import json
+
+    from monai_relkd.data.sites import make_datalist, scan_sites
+
+    if datalist_file:
+        path = Path(datalist_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"datalist_file '{path}' does not exist.")
+        with open(path) as f:
+            return json.load(f)
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset_dir '{root}' does not exist. Give the folder that holds the site folders "
+            "(BIDMC BMC HK I2CVB RUNMC UCL), or leave dataset_dir unset to use the embedded synthetic set."
+        )
+    scan = scan_sites(root)
+    return make_datalist(scan.cases, test_site=test_site, val_fraction=val_fraction, seed=seed)
+
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_LABEL_SUFFIXES = ("_segmentation", "_Segmentation")
+
+
+def list_images(path: str | os.PathLike) -> list[str]:
+    """Return the image volumes an inference run reads from ``path``.
+
+    Args:
+        path: a NIfTI file, a folder (its ``*.nii.gz`` / ``*.nii`` files, leaving out ``*_segmentation`` labels),
+            or a glob pattern.
+
+    Raises:
+        FileNotFoundError: when ``path`` names nothing, or a folder or pattern holds no image.
+    """
+    import glob
+
+    text = str(path)
+    target = Path(text)
+    if target.is_file():
+        return [str(target)]
+    if target.is_dir():
+        candidates = sorted(str(p) for p in target.iterdir() if p.name.endswith(_NIFTI_SUFFIXES))
+    elif any(ch in text for ch in "*?["):
+        candidates = sorted(glob.glob(text))
+    else:
+        raise FileNotFoundError(f"input_path '{text}' does not exist.")
+    images = [c for c in candidates if not _strip_nifti(Path(c).name).endswith(_LABEL_SUFFIXES)]
+    if not images:
+        raise FileNotFoundError(f"input_path '{text}' holds no NIfTI image (*.nii.gz or *.nii).")
+    return images
+
+
+def _strip_nifti(name: str) -> str:
+    for suffix in _NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def split_cases(datalist: dict[str, list[dict[str, Any]]], splits: str | list[str]) -> list[dict[str, Any]]:
+    """Concatenate the cases of one or more datalist splits (``"training"``, ``"validation"``, ``"test"``).
+
+    Raises:
+        KeyError: a split the datalist does not have, naming the splits it has.
+    """
+    names = [splits] if isinstance(splits, str) else list(splits)
+    missing = [n for n in names if n not in datalist]
+    if missing:
+        raise KeyError(f"datalist has no split {missing}; it has {sorted(datalist)}.")
+    return [case for name in names for case in datalist[name]]
+
+
+def site_name_formatter(metadict: dict, saver: Any) -> dict:
+    """``SaveImaged(output_name_formatter=...)`` that prefixes the site folder: ``<site>_<case>``.
+
+    Public site folders reuse case names (every site has a ``Case00``), so predictions of several sites written to
+    one folder would overwrite each other under MONAI's default name. The site is the name of the image's parent
+    folder. ``monai_relkd.evaluation.find_prediction`` finds predictions under that name.
+    """
+    from monai.data.folder_layout import default_name_formatter
+
+    kwargs = default_name_formatter(metadict, saver)
+    source = Path(str(kwargs["subject"]))
+    kwargs["subject"] = f"{source.parent.name}_{source.name}" if source.parent.name else source.name
+    return kwargs
+

@@ -1,0 +1,190 @@
+"""``relkd demo``: the whole method on the embedded synthetic set, through the real bundles.
+
+Steps, each a MONAI bundle workflow (``monai.bundle.ConfigWorkflow``) run with overrides only:
+
+1. generate the synthetic six-site set;
+2. train the teacher bundle on five sites (the sixth is held out);
+3. distil the ENet student bundle from that teacher;
+4. train the same student bundle with every lambda at 0 (no distillation: the baseline);
+5. evaluate the three on the validation cases of the training sites and on the held-out site, and print the
+   per-site Dice table (also written to ``<out>/demo_summary.json`` and ``<out>/demo_table.md``).
+
+Nothing is written into the bundles: checkpoints, logs and predictions go under ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["find_bundles_dir", "run_bundle", "run_demo", "demo_command"]
+
+logger = logging.getLogger("monai_relkd.demo")
+
+TEACHER = "prostate_mri_teacher"
+
+
+def find_bundles_dir(bundles: str | os.PathLike | None = None) -> Path:
+    """Return the folder holding the monai-relkd bundles.
+
+    Looked up in order: ``bundles`` if given, ``./bundles``, then the ``bundles/`` folder of the source checkout
+    this package was installed from (editable install).
+    """
+    candidates = [Path(bundles)] if bundles else [Path.cwd() / "bundles", Path(__file__).resolve().parents[2] / "bundles"]
+    for candidate in candidates:
+        if (candidate / TEACHER / "configs" / "train.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no monai-relkd bundles found in {', '.join(str(c) for c in candidates)}: run from the repository root "
+        "or pass --bundles DIR (the folder holding prostate_mri_teacher/ and the student bundles)."
+    )
+
+
+def run_bundle(bundle_dir: Path, configs: list[str], run_id: str = "run", **override: Any) -> Any:
+    """Run one workflow of a bundle, as ``python -m monai.bundle run RUN_ID --config_file ...`` would."""
+    from monai.bundle import ConfigWorkflow
+
+    config_files = [str(bundle_dir / "configs" / c) for c in configs]
+    workflow = ConfigWorkflow(
+        config_file=config_files,
+        meta_file=str(bundle_dir / "configs" / "metadata.json"),
+        logging_file=False,
+        run_id=run_id,
+        workflow_type=None,
+        bundle_root=str(bundle_dir),
+        **override,
+    )
+    workflow.initialize()
+    try:
+        return workflow.run()
+    finally:
+        workflow.finalize()
+
+
+def _step(index: int, total: int, message: str) -> float:
+    logger.info(f"[{index}/{total}] {message}")
+    print(f"[relkd demo {index}/{total}] {message}", flush=True)
+    return time.perf_counter()
+
+
+def run_demo(
+    out: str | os.PathLike = "relkd_demo",
+    test_site: str = "HK",
+    student: str = "enet",
+    scale: float = 0.5,
+    size: int = 96,
+    image_size: int = 64,
+    teacher_epochs: int = 6,
+    student_epochs: int = 6,
+    num_samples: int = 4,
+    batch_size: int = 16,
+    seed: int = 0,
+    bundles: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run the demo and return ``{"table": markdown, "models": {name: summary}, "seconds": {...}}``.
+
+    Args:
+        out: run folder (created); the synthetic set, checkpoints, logs and predictions go there.
+        test_site: the held-out site.
+        student: student bundle suffix (``enet``, ``espnet`` or ``erfnet``).
+        scale, size: synthetic set size (fraction of the public case counts) and in-plane matrix.
+        image_size: in-plane size the networks see.
+        teacher_epochs, student_epochs: training epochs.
+        num_samples: slices drawn per volume and epoch.
+        batch_size: slices per batch.
+        seed: seed of the data split and the training.
+        bundles: folder holding the bundles (see :func:`find_bundles_dir`).
+    """
+    from monai_relkd.bundle_support import bundle_datalist
+    from monai_relkd.data.synthetic import generate_six_site_dataset
+    from monai_relkd.evaluation import format_models_table
+
+    bundles_dir = find_bundles_dir(bundles)
+    student_bundle = bundles_dir / f"prostate_mri_student_{student}"
+    if not (student_bundle / "configs" / "train.json").is_file():
+        raise FileNotFoundError(f"student bundle not found: {student_bundle}")
+    run_dir = Path(out).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    total = 5
+    start = time.perf_counter()
+
+    t = _step(1, total, f"synthetic six-site set (scale {scale}, {size}x{size}) in {run_dir / 'data'}")
+    data_dir = run_dir / "data"
+    if not (data_dir / "dataset.json").is_file():
+        generate_six_site_dataset(data_dir, scale=scale, size=size, seed=seed)
+    datalist = bundle_datalist(data_dir, test_site=test_site, seed=seed)
+    datalist_path = run_dir / "datalist.json"
+    tmp = datalist_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(datalist, indent=2))
+    os.replace(tmp, datalist_path)
+    seconds["data"] = time.perf_counter() - t
+
+    common = {
+        "dataset_dir": str(data_dir),
+        "datalist_file": str(datalist_path),
+        "test_site": test_site,
+        "seed": seed,
+        "image_size": image_size,
+        "num_samples": num_samples,
+        "batch_size": batch_size,
+        "num_workers": 0,
+    }
+
+    def dirs(name: str) -> dict[str, str]:
+        base = run_dir / name
+        return {"ckpt_dir": str(base / "models"), "output_dir": str(base / "eval"), "log_dir": str(base / "runs")}
+
+    models = {
+        "teacher": (bundles_dir / TEACHER, {"max_epochs": teacher_epochs, "val_interval": teacher_epochs}),
+        f"{student} (no KD)": (
+            student_bundle,
+            {"max_epochs": student_epochs, "val_interval": student_epochs, "distillation#lambda_logits": 0.0,
+             "distillation#lambda_km": 0.0, "distillation#lambda_aa": 0.0},
+        ),
+        f"{student} + relational KD": (student_bundle, {"max_epochs": student_epochs, "val_interval": student_epochs}),
+    }
+    teacher_ckpt = str(run_dir / "teacher" / "models" / "model.pt")
+    step = 2
+    for name, (bundle_dir, extra) in models.items():
+        key = name.split(" ")[0] if name == "teacher" else ("student_nokd" if "no KD" in name else "student_kd")
+        t = _step(step, total, f"training {name} ({extra['max_epochs']} epochs) with {bundle_dir.name}")
+        override = {**common, **dirs(key), **extra}
+        if bundle_dir != bundles_dir / TEACHER:
+            override["teacher_ckpt"] = teacher_ckpt
+        run_bundle(bundle_dir, ["train.json"], **override)
+        seconds[key] = time.perf_counter() - t
+        step = min(step + 1, total)
+
+    t = _step(total, total, "evaluating the three models on every site (validation cases + held-out site)")
+    summaries: dict[str, Any] = {}
+    for name, (bundle_dir, extra) in models.items():
+        key = name.split(" ")[0] if name == "teacher" else ("student_nokd" if "no KD" in name else "student_kd")
+        override = {**common, **dirs(key), **extra, "evaluation_split": ["validation", "test"]}
+        if bundle_dir != bundles_dir / TEACHER:
+            override["teacher_ckpt"] = teacher_ckpt
+        run_bundle(bundle_dir, ["train.json", "evaluate.json"], **override)
+        with open(Path(override["output_dir"]) / "summary.json") as f:
+            summaries[name] = json.load(f)
+    seconds["evaluation"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - start
+
+    table = format_models_table(summaries, held_out=test_site)
+    result = {"table": table, "models": summaries, "seconds": seconds, "held_out_site": test_site}
+    tmp = run_dir / "demo_summary.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, run_dir / "demo_summary.json")
+    (run_dir / "demo_table.md").write_text(table + "\n")
+    print(table, flush=True)
+    print(f"relkd demo: done in {seconds['total'] / 60:.1f} min; results in {run_dir}", flush=True)
+    return result
+
+
+def demo_command(**kwargs: Any) -> None:
+    """``relkd demo``: see :func:`run_demo` for the arguments."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_demo(**kwargs)

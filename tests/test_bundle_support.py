@@ -1,0 +1,100 @@
+"""Bundle helpers: locating the bundle, the embedded data default, datalist errors, inference inputs, names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from monai_relkd import bundle_support as bs
+
+
+def _bundle(tmp_path: Path, config: dict) -> Path:
+    root = tmp_path / "my_bundle"
+    (root / "configs").mkdir(parents=True)
+    (root / "configs" / "inference.json").write_text(json.dumps(config))
+    (root / "configs" / "metadata.json").write_text(json.dumps({"version": "0.0.1"}))
+    return root
+
+
+def test_bundle_root_follows_the_config_file_not_the_cwd(tmp_path, monkeypatch):
+    from monai.bundle import ConfigWorkflow
+
+    root = _bundle(
+        tmp_path,
+        {"imports": ["$import monai_relkd"], "bundle_root": "$monai_relkd.bundle_support.bundle_root()",
+         "run": ["$@bundle_root"]},
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    wf = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"), logging_file=False, workflow_type=None)
+    wf.initialize()
+    assert Path(wf.run()[0]) == root.resolve()
+
+
+def test_bundle_root_override_wins(tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    root = _bundle(tmp_path, {"imports": ["$import monai_relkd"], "bundle_root": "$monai_relkd.bundle_support.bundle_root()",
+                             "run": ["$None"]})
+    wf = ConfigWorkflow(
+        config_file=str(root / "configs" / "inference.json"), logging_file=False, workflow_type=None,
+        bundle_root="/somewhere/else",
+    )
+    wf.initialize()
+    assert wf.parser.get_parsed_content("bundle_root") == "/somewhere/else"
+
+
+def test_missing_dataset_dir_is_an_error_not_a_fallback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bs.bundle_datalist(tmp_path / "nope")
+
+
+def test_missing_datalist_file_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="datalist_file"):
+        bs.bundle_datalist(tmp_path, datalist_file=tmp_path / "missing.json")
+
+
+def test_list_images_file_folder_glob_and_errors(tmp_path):
+    for name in ("Case00.nii.gz", "Case00_segmentation.nii.gz", "Case01.nii.gz", "Case01_Segmentation.nii.gz", "x.txt"):
+        (tmp_path / name).write_bytes(b"")
+    expected = [str(tmp_path / "Case00.nii.gz"), str(tmp_path / "Case01.nii.gz")]
+    assert bs.list_images(tmp_path) == expected
+    assert bs.list_images(str(tmp_path / "Case*.nii.gz")) == expected
+    assert bs.list_images(tmp_path / "Case01.nii.gz") == [expected[1]]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bs.list_images(tmp_path / "absent.nii.gz")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no NIfTI image"):
+        bs.list_images(empty)
+
+
+def test_split_cases_concatenates_and_names_missing_splits():
+    datalist = {"training": [{"case": "a"}], "validation": [{"case": "b"}], "test": [{"case": "c"}]}
+    assert [c["case"] for c in bs.split_cases(datalist, ["validation", "test"])] == ["b", "c"]
+    assert [c["case"] for c in bs.split_cases(datalist, "test")] == ["c"]
+    with pytest.raises(KeyError, match="holdout"):
+        bs.split_cases(datalist, ["holdout"])
+
+
+def test_site_prefixed_prediction_names_do_not_collide_and_match_saveimaged(tmp_path):
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SaveImage
+
+    from monai_relkd.evaluation import find_prediction
+
+    written = []
+    for site in ("BMC", "HK"):
+        image = f"/data/{site}/Case00.nii.gz"
+        saver = SaveImage(output_dir=tmp_path, output_postfix="seg", separate_folder=False, resample=False,
+                          output_name_formatter=bs.site_name_formatter, print_log=False)
+        saver(MetaTensor(torch.zeros(1, 4, 4, 2), affine=np.eye(4), meta={"filename_or_obj": image}))
+        expected = find_prediction(tmp_path, image, "seg", site=site)
+        assert expected.name == f"{site}_Case00_seg.nii.gz"
+        written.append(expected)
+    assert written[0] != written[1]

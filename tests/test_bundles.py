@@ -1,0 +1,190 @@
+"""Every bundle, run for real at toy size: train through ``monai.bundle`` (the ``training`` run ID), evaluate,
+infer a NIfTI volume, ``verify_net_in_out`` and ``ckpt_export`` through the CLI, and the distillation specifics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_relkd.demo import run_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+TEACHER = BUNDLES / "prostate_mri_teacher"
+STUDENTS = sorted(p for p in BUNDLES.glob("prostate_mri_student_*") if p.is_dir())
+ALL = [TEACHER] + STUDENTS
+IMAGE_SIZE = 32
+TEST_SITE = "HK"
+
+
+def _override(run: Path, name: str, **extra) -> dict:
+    return {
+        "dataset_dir": str(run / "data"),
+        "test_site": TEST_SITE,
+        "image_size": IMAGE_SIZE,
+        "max_epochs": 1,
+        "val_interval": 1,
+        "num_samples": 2,
+        "batch_size": 4,
+        "ckpt_dir": str(run / name / "models"),
+        "output_dir": str(run / name / "eval"),
+        "log_dir": str(run / name / "runs"),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """Synthetic six-site set and a teacher trained for one epoch through the teacher bundle."""
+    from monai_relkd.data.synthetic import generate_six_site_dataset
+
+    run = tmp_path_factory.mktemp("bundles")
+    generate_six_site_dataset(run / "data", scale=0.15, size=IMAGE_SIZE, seed=0)
+    run_bundle(TEACHER, ["train.json"], run_id="training", **_override(run, TEACHER.name))
+    assert (run / TEACHER.name / "models" / "model.pt").is_file()
+    return run
+
+
+def _train(run: Path, bundle: Path, **extra) -> Path:
+    if bundle != TEACHER:
+        extra.setdefault("teacher_ckpt", str(run / TEACHER.name / "models" / "model.pt"))
+        run_bundle(bundle, ["train.json"], run_id="training", **_override(run, bundle.name, **extra))
+    return run / bundle.name / "models" / "model.pt"
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("bundle", ALL, ids=[b.name for b in ALL])
+def test_train_evaluate_infer(run_dir, bundle, tmp_path):
+    ckpt = _train(run_dir, bundle)
+    assert ckpt.is_file()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values()), "model.pt must be a flat state dict"
+
+    # evaluate.json merged over train.json, on the held-out site
+    run_bundle(bundle, ["train.json", "evaluate.json"], **_override(run_dir, bundle.name))
+    summary = json.loads((run_dir / bundle.name / "eval" / "summary.json").read_text())
+    assert set(summary["per_site"]) == {TEST_SITE}
+    assert summary["model"] == bundle.name
+    assert 0.0 <= summary["mean"]["dice"] <= 1.0
+
+    # inference.json alone, device given as a string; the mask has the input's geometry and a new name
+    image = sorted((run_dir / "data" / TEST_SITE).glob("Case*[0-9].nii.gz"))[0]
+    before = image.read_bytes()
+    out = tmp_path / "pred"
+    run_bundle(bundle, ["inference.json"], input_path=str(image), image_size=IMAGE_SIZE, ckpt_path=str(ckpt),
+               output_dir=str(out), device="cpu")
+    written = list(out.glob("*.nii.gz"))
+    assert [p.name for p in written] == [image.name.replace(".nii.gz", "_seg.nii.gz")]
+    src, mask = nib.load(str(image)), nib.load(str(written[0]))
+    assert mask.shape == src.shape
+    np.testing.assert_allclose(mask.affine, src.affine, atol=1e-4)
+    assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("bundle", ALL, ids=[b.name for b in ALL])
+def test_verify_net_in_out_and_torchscript_export(run_dir, bundle, tmp_path):
+    configs = bundle / "configs"
+    _cli("verify_net_in_out", "network_def", "--meta_file", str(configs / "metadata.json"),
+         "--config_file", str(configs / "inference.json"), "--device", "cpu", "--n", "4", cwd=tmp_path)
+
+    ckpt = _train(run_dir, bundle)
+    ts = tmp_path / "model.ts"
+    _cli("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt),
+         "--meta_file", str(configs / "metadata.json"), "--config_file", str(configs / "inference.json"),
+         "--bundle_root", str(bundle), cwd=tmp_path)
+    exported = torch.jit.load(str(ts), map_location="cpu").eval()
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(configs / "inference.json"))
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    net.eval()
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_teacher_checkpoint_fails_at_start_with_the_way_out(run_dir):
+    with pytest.raises(Exception) as err:
+        _train(run_dir, STUDENTS[0], teacher_ckpt=str(run_dir / "no_teacher.pt"))
+    text = repr(err.value) + repr(err.value.__cause__)
+    assert "no_teacher.pt" in text and "prostate_mri_teacher" in text
+
+
+def test_missing_user_dataset_dir_is_an_error(run_dir, tmp_path):
+    with pytest.raises(Exception) as err:
+        run_bundle(TEACHER, ["train.json"], run_id="training",
+                   **_override(run_dir, "x", dataset_dir=str(tmp_path / "not_there")))
+    assert "not_there" in repr(err.value) + repr(err.value.__cause__)
+
+
+def test_all_lambdas_zero_trains_without_any_teacher(run_dir):
+    """The baseline: every lambda 0 needs no teacher checkpoint and logs zero KD terms."""
+    lambdas = {f"distillation#lambda_{k}": 0.0 for k in ("logits", "km", "aa")}
+    ckpt = _train(run_dir, STUDENTS[0], teacher_ckpt=str(run_dir / "absent.pt"), **lambdas)
+    assert ckpt.is_file()
+
+
+def _scalars(log_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_distillation_terms_are_logged_non_zero_and_fall(run_dir):
+    bundle = next(b for b in STUDENTS if b.name.endswith("enet"))
+    epochs = 4
+    _train(run_dir, bundle, max_epochs=epochs, val_interval=epochs, num_samples=4, batch_size=4,
+           log_dir=str(run_dir / "kd_runs"), ckpt_dir=str(run_dir / "kd_models"))
+    scalars = _scalars(run_dir / "kd_runs")
+    for term in ("loss_logits", "loss_km", "loss_aa", "loss_seg", "loss"):
+        assert term in scalars, f"{term} not logged to TensorBoard: {sorted(scalars)}"
+    per_epoch = len(scalars["loss"]) // epochs
+    assert per_epoch >= 1
+    for term in ("loss_logits", "loss_km", "loss_aa"):
+        values = np.asarray(scalars[term])
+        assert np.all(values > 0), f"{term} has zero entries: {values}"
+        first, last = values[:per_epoch].mean(), values[-per_epoch:].mean()
+        assert last < first, f"{term} did not fall: first epoch {first:.4f}, last epoch {last:.4f}"
+
+
+def test_student_bundles_differ_only_in_network_and_taps():
+    """Three copies of one config: keep them in step."""
+    def strip(path: Path) -> dict:
+        cfg = json.loads(path.read_text())
+        cfg.pop("network_def", None)
+        cfg.get("distillation", {}).pop("taps", None)
+        return cfg
+
+    for name in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json"):
+        reference = strip(STUDENTS[0] / "configs" / name)
+        for other in STUDENTS[1:]:
+            assert strip(other / "configs" / name) == reference, f"{other.name}/configs/{name} drifted"
+
+
+@pytest.mark.parametrize("bundle", ALL, ids=[b.name for b in ALL])
+def test_bundle_layout(bundle):
+    for rel in ("configs/metadata.json", "configs/train.json", "configs/evaluate.json", "configs/inference.json",
+                "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md", "LICENSE",
+                "large_files.yml"):
+        assert (bundle / rel).is_file(), f"{bundle.name} lacks {rel}"
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    assert "training" in train and train["run"] == "%training"
