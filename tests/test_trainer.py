@@ -129,6 +129,28 @@ def test_plain_kd_without_taps_and_no_decollate() -> None:
     assert loss_terms_from_engine([]) is None
 
 
+def test_no_teacher_when_every_lambda_is_zero() -> None:
+    """The no-distillation baseline: no teacher is given or run, and the student still trains on L_seg."""
+    student = _student()
+    before = [p.detach().clone() for p in student.parameters()]
+    loss = _loss(lambda_logits=0.0, lambda_km=0.0, lambda_aa=0.0)
+    trainer = DistillationTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=_loader(4), network=student,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.1), loss_function=loss, teacher=None,
+        student_taps=["model.1.submodule.0"], teacher_taps=["model.1.submodule.1"],
+    )
+    trainer.run()
+    terms = loss_terms_from_engine(trainer.state.output)
+    assert terms["loss_logits"] == terms["loss_km"] == terms["loss_aa"] == 0.0
+    assert terms["loss"] == pytest.approx(terms["loss_seg"])
+    assert any(not torch.equal(b, a) for b, a in zip(before, student.parameters()))
+    with pytest.raises(ValueError, match="every lambda to 0"):
+        DistillationTrainer(
+            device=torch.device("cpu"), max_epochs=1, train_data_loader=_loader(2), network=_student(),
+            optimizer=torch.optim.SGD(student.parameters(), lr=0.1), loss_function=_loss(), teacher=None,
+        )
+
+
 def test_wrapped_teacher_and_prebuilt_optimizer(caplog) -> None:
     student, teacher, loss = _student(), _teacher(), _loss()
     optimizer = torch.optim.Adam(distillation_parameters(student, loss), lr=1e-3)

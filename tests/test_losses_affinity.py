@@ -1,0 +1,180 @@
+"""AdaptiveAffinityLoss: explicit pair-loop reference, linear == naive path, invariances, gradients, autocast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_losses_reference import aa_reference, one_hot, softmax
+
+from monai_relkd.losses import AdaptiveAffinityLoss
+
+MODES = ("uniform", "label", "teacher")
+
+
+def _inputs(s_shape, t_shape, label_size, k=3, dtype=torch.float64):
+    b = s_shape[0]
+    f_s = torch.randn(s_shape, dtype=dtype)
+    f_t = torch.randn(t_shape, dtype=dtype)
+    label = torch.randint(0, k, (b, 1) + tuple(label_size))
+    z_t = torch.randn((b, k) + tuple(label_size), dtype=dtype) * 2
+    return f_s, f_t, label, z_t
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "s_shape,t_shape,label_size,grid,size",
+    [
+        ((2, 3, 4, 8), (2, 5, 2, 4), (8, 8), None, (2, 4)),  # smaller of the two sizes
+        ((2, 3, 4, 4), (2, 4, 8, 8), (4, 4), 2, (2, 2)),  # int grid
+        ((1, 2, 4, 2, 4), (1, 3, 2, 2, 2), (4, 4, 4), (2, 2, 2), (2, 2, 2)),  # 3-D, sequence grid
+    ],
+)
+def test_matches_pair_loop_reference(mode, s_shape, t_shape, label_size, grid, size) -> None:
+    f_s, f_t, label, z_t = _inputs(s_shape, t_shape, label_size)
+    memberships = {"uniform": None, "label": one_hot(label.numpy(), 3), "teacher": softmax(z_t.numpy())}[mode]
+    expected = aa_reference(f_s.numpy(), f_t.numpy(), size, memberships, w_intra=0.7, w_inter=1.9)
+    for naive in (False, True):
+        loss = AdaptiveAffinityLoss(grid=grid, pair_weights=mode, w_intra=0.7, w_inter=1.9, num_classes=3, naive=naive)
+        value = loss(f_s, f_t, label=label, teacher_logits=z_t)
+        assert value.item() == pytest.approx(expected, rel=1e-10), f"naive={naive}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "s_shape,t_shape,label_size,grid",
+    [
+        ((2, 16, 13, 11), (2, 24, 9, 10), (27, 31), None),  # adaptive pooling with uneven windows
+        ((2, 8, 20, 20), (2, 12, 20, 20), (20, 20), (7, 9)),
+        ((2, 6, 7, 9, 8), (2, 10, 5, 6, 7), (10, 12, 11), None),  # 3-D
+        ((1, 4, 6, 6, 6), (1, 4, 6, 6, 6), (6, 6, 6), 4),
+    ],
+)
+def test_linear_equals_naive_float64(mode, s_shape, t_shape, label_size, grid) -> None:
+    f_s, f_t, label, z_t = _inputs(s_shape, t_shape, label_size)
+    label[0] = 0  # one sample with a single class: its inter-class term is dropped in both paths
+    kwargs = dict(grid=grid, pair_weights=mode, w_intra=1.3, w_inter=0.6, num_classes=3)
+    fast = AdaptiveAffinityLoss(**kwargs)(f_s, f_t, label=label, teacher_logits=z_t)
+    naive = AdaptiveAffinityLoss(naive=True, **kwargs)(f_s, f_t, label=label, teacher_logits=z_t)
+    assert fast.item() > 0
+    assert fast.item() == pytest.approx(naive.item(), rel=1e-6)
+
+
+def test_linear_gradients_equal_naive() -> None:
+    f_s = torch.randn(2, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+    f_t = torch.randn(2, 7, 6, 6, dtype=torch.float64)
+    label = torch.randint(0, 2, (2, 1, 6, 6))
+    grads = []
+    for naive in (False, True):
+        (g,) = torch.autograd.grad(AdaptiveAffinityLoss(naive=naive)(f_s, f_t, label=label), f_s)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-12)
+
+
+def test_single_class_label_equals_uniform() -> None:
+    f_s, f_t = torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(2, 6, 6, 6, dtype=torch.float64)
+    label = torch.zeros(2, 1, 6, 6, dtype=torch.long)
+    uniform = AdaptiveAffinityLoss(pair_weights="uniform")(f_s, f_t)
+    single = AdaptiveAffinityLoss(pair_weights="label", w_inter=5.0)(f_s, f_t, label=label)
+    assert single.item() == pytest.approx(uniform.item(), rel=1e-10)
+
+
+def test_class_balance_is_not_drowned_by_background() -> None:
+    # the student differs from the teacher only in the affinities of foreground-to-background pairs; with one
+    # foreground pixel of 64 the uniform mean hardly sees it, the inter-class mean does.
+    f_t = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    f_s = f_t.clone()
+    f_s[0, :, 3, 3] = -f_t[0, :, 3, 3]
+    label = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    label[0, 0, 3, 3] = 1
+    uniform = AdaptiveAffinityLoss(pair_weights="uniform")(f_s, f_t).item()
+    inter = AdaptiveAffinityLoss(pair_weights="label", w_intra=0.0, w_inter=1.0)(f_s, f_t, label=label).item()
+    intra = AdaptiveAffinityLoss(pair_weights="label", w_intra=1.0, w_inter=0.0)(f_s, f_t, label=label).item()
+    assert intra == pytest.approx(0.0, abs=1e-12)
+    assert inter == pytest.approx(uniform * 64 * 64 / (2 * 63), rel=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_for_equal_and_rotated_features(mode) -> None:
+    f = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    label = torch.randint(0, 2, (2, 1, 8, 8))
+    z_t = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    loss = AdaptiveAffinityLoss(pair_weights=mode)
+    assert loss(f, f.clone(), label=label, teacher_logits=z_t).item() == pytest.approx(0.0, abs=1e-12)
+    # affinities are invariant to an orthogonal map of the channels into a wider teacher space
+    q, _ = torch.linalg.qr(torch.randn(10, 6, dtype=torch.float64))
+    rotated = torch.einsum("oc,bchw->bohw", q, f)
+    assert loss(f, rotated, label=label, teacher_logits=z_t).item() == pytest.approx(0.0, abs=1e-12)
+    assert loss(f, torch.randn_like(rotated), label=label, teacher_logits=z_t).item() > 1e-3
+
+
+def test_float32_linear_close_to_float64() -> None:
+    f_s, f_t = torch.randn(2, 32, 32, 32, dtype=torch.float64), torch.randn(2, 48, 32, 32, dtype=torch.float64)
+    label = torch.randint(0, 2, (2, 1, 32, 32))
+    ref = AdaptiveAffinityLoss(naive=True)(f_s, f_t, label=label)
+    value = AdaptiveAffinityLoss()(f_s.float(), f_t.float(), label=label)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_gradients_reach_student_not_teacher() -> None:
+    f_s = torch.randn(2, 4, 8, 8, requires_grad=True)
+    f_t = torch.randn(2, 6, 4, 4, requires_grad=True)
+    z_t = torch.randn(2, 2, 8, 8, requires_grad=True)
+    AdaptiveAffinityLoss(pair_weights="teacher")(f_s, f_t, teacher_logits=z_t).backward()
+    assert f_s.grad is not None and f_s.grad.abs().sum() > 0
+    assert f_t.grad is None and z_t.grad is None
+
+
+def test_float_label_and_autocast_bfloat16() -> None:
+    conv_s, conv_t = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(3, 16, 1)
+    x, noise = torch.randn(2, 3, 16, 16), 0.5 * torch.randn(2, 3, 16, 16)
+    label = torch.randint(0, 2, (2, 1, 16, 16))
+    loss = AdaptiveAffinityLoss(grid=8)
+    ref = loss(conv_s(x), conv_t(x + noise), label=label)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f_s, f_t = conv_s(x), conv_t(x + noise)
+        assert f_s.dtype == torch.bfloat16
+        value = loss(f_s, f_t, label=label.float())
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert value.item() == pytest.approx(ref.item(), rel=5e-2)
+
+
+def test_argument_validation() -> None:
+    for kwargs, match in [
+        (dict(grid=0), "grid"),
+        (dict(grid=(4, -1)), "grid"),
+        (dict(grid=2.5), "grid"),
+        (dict(pair_weights="labels"), "pair_weights"),
+        (dict(w_intra=-1.0), "w_intra"),
+        (dict(w_inter=float("nan")), "w_inter"),
+        (dict(num_classes=0), "num_classes"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            AdaptiveAffinityLoss(**kwargs)
+
+
+def test_forward_validation() -> None:
+    f_s, f_t = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8)
+    with pytest.raises(ValueError, match='"label" needs `label`'):
+        AdaptiveAffinityLoss(pair_weights="label")(f_s, f_t)
+    with pytest.raises(ValueError, match='"teacher" needs `teacher_logits`'):
+        AdaptiveAffinityLoss(pair_weights="teacher")(f_s, f_t, label=torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"label values must be class indices in \[0, 1\]"):
+        AdaptiveAffinityLoss(num_classes=2)(f_s, f_t, label=torch.full((2, 1, 8, 8), 2))
+    with pytest.raises(ValueError, match="label must be"):
+        AdaptiveAffinityLoss()(f_s, f_t, label=torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match="batch sizes"):
+        AdaptiveAffinityLoss(pair_weights="uniform")(f_s, f_t[:1])
+    with pytest.raises(ValueError, match="same number"):
+        AdaptiveAffinityLoss(pair_weights="uniform")(f_s, torch.randn(2, 6, 8, 8, 8))
+    with pytest.raises(ValueError, match="spatial dims"):
+        AdaptiveAffinityLoss(grid=(2, 2, 2), pair_weights="uniform")(f_s, f_t)
+
+
+def test_memberships_are_pooled_one_hot() -> None:
+    # a 2x2 grid over a 4x4 label whose top-left block is 1/4 foreground
+    label = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    label[0, 0, 0, 0] = 1
+    p = AdaptiveAffinityLoss(grid=2)._memberships(label, None, 1, (2, 2), torch.float64)
+    np.testing.assert_allclose(p[0].numpy(), [[0.75, 0.25], [1, 0], [1, 0], [1, 0]])
