@@ -5,6 +5,8 @@ Each sub-command is a plain function that lives beside the code it drives; this 
     relkd synth --out DIR [--scale 1.0 --size 128 --seed 0]
     relkd datalist --root R --test_site UCL [--val_fraction 0.2 --seed 0] --out datalist.json
     relkd profile --network monai_relkd.networks.ENet --shape 1,1,384,384
+    relkd evaluate --pred DIR --datalist datalist.json [--split test]
+    relkd demo [--out relkd_demo]
 
 ``relkd COMMAND --help`` prints the arguments of one command.
 """
@@ -18,9 +20,17 @@ def commands() -> dict:
     """Return the mapping ``name -> function`` of every ``relkd`` sub-command."""
     from monai_relkd.data.sites import datalist_command
     from monai_relkd.data.synthetic import synth_command
+    from monai_relkd.demo import demo_command
+    from monai_relkd.evaluation import evaluate_command
     from monai_relkd.profiling import profile_command
 
-    return {"synth": synth_command, "datalist": datalist_command, "profile": profile_command}
+    return {
+        "synth": synth_command,
+        "datalist": datalist_command,
+        "profile": profile_command,
+        "evaluate": evaluate_command,
+        "demo": demo_command,
+    }
 
 
 def main() -> None:

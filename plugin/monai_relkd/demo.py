@@ -9,6 +9,9 @@ Steps, each a MONAI bundle workflow (``monai.bundle.ConfigWorkflow``) run with o
 5. evaluate the three on the validation cases of the training sites and on the held-out site, and print the
    per-site Dice table (also written to ``<out>/demo_summary.json`` and ``<out>/demo_table.md``).
 
+The run folder's ``run.json`` lists each model (name, role, bundle, checkpoint, summary, predictions, TensorBoard
+logs) for ``relkd report``.
+
 Nothing is written into the bundles: checkpoints, logs and predictions go under ``--out``.
 """
 
@@ -65,6 +68,18 @@ def run_bundle(bundle_dir: Path, configs: list[str], run_id: str = "run", **over
         workflow.finalize()
 
 
+def _model_key(name: str) -> str:
+    """Folder of a model inside the run folder."""
+    return "teacher" if name == "teacher" else ("student_nokd" if "no KD" in name else "student_kd")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
 def _step(index: int, total: int, message: str) -> float:
     logger.info(f"[{index}/{total}] {message}")
     print(f"[relkd demo {index}/{total}] {message}", flush=True)
@@ -119,9 +134,7 @@ def run_demo(
         generate_six_site_dataset(data_dir, scale=scale, size=size, seed=seed)
     datalist = bundle_datalist(data_dir, test_site=test_site, seed=seed)
     datalist_path = run_dir / "datalist.json"
-    tmp = datalist_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(datalist, indent=2))
-    os.replace(tmp, datalist_path)
+    write_json_atomic(datalist_path, datalist)
     seconds["data"] = time.perf_counter() - t
 
     common = {
@@ -140,18 +153,20 @@ def run_demo(
         return {"ckpt_dir": str(base / "models"), "output_dir": str(base / "eval"), "log_dir": str(base / "runs")}
 
     models = {
-        "teacher": (bundles_dir / TEACHER, {"max_epochs": teacher_epochs, "val_interval": teacher_epochs}),
+        "teacher": (bundles_dir / TEACHER, {"max_epochs": teacher_epochs, "val_interval": max(1, teacher_epochs // 4)}),
         f"{student} (no KD)": (
             student_bundle,
-            {"max_epochs": student_epochs, "val_interval": student_epochs, "distillation#lambda_logits": 0.0,
+            {"max_epochs": student_epochs, "val_interval": max(1, student_epochs // 4), "distillation#lambda_logits": 0.0,
              "distillation#lambda_km": 0.0, "distillation#lambda_aa": 0.0},
         ),
-        f"{student} + relational KD": (student_bundle, {"max_epochs": student_epochs, "val_interval": student_epochs}),
+        f"{student} + relational KD": (
+            student_bundle, {"max_epochs": student_epochs, "val_interval": max(1, student_epochs // 4)}
+        ),
     }
     teacher_ckpt = str(run_dir / "teacher" / "models" / "model.pt")
     step = 2
     for name, (bundle_dir, extra) in models.items():
-        key = name.split(" ")[0] if name == "teacher" else ("student_nokd" if "no KD" in name else "student_kd")
+        key = _model_key(name)
         t = _step(step, total, f"training {name} ({extra['max_epochs']} epochs) with {bundle_dir.name}")
         override = {**common, **dirs(key), **extra}
         if bundle_dir != bundles_dir / TEACHER:
@@ -163,7 +178,7 @@ def run_demo(
     t = _step(total, total, "evaluating the three models on every site (validation cases + held-out site)")
     summaries: dict[str, Any] = {}
     for name, (bundle_dir, extra) in models.items():
-        key = name.split(" ")[0] if name == "teacher" else ("student_nokd" if "no KD" in name else "student_kd")
+        key = _model_key(name)
         override = {**common, **dirs(key), **extra, "evaluation_split": ["validation", "test"]}
         if bundle_dir != bundles_dir / TEACHER:
             override["teacher_ckpt"] = teacher_ckpt
@@ -173,18 +188,52 @@ def run_demo(
     seconds["evaluation"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
 
+    manifest = {
+        "held_out_site": test_site,
+        "dataset_dir": str(data_dir),
+        "datalist": str(datalist_path),
+        "image_size": image_size,
+        "seed": seed,
+        "models": [
+            {
+                "name": name,
+                "role": "teacher" if bundle_dir.name == TEACHER else ("baseline" if "no KD" in name else "student"),
+                "bundle": str(bundle_dir),
+                "ckpt": str(run_dir / key / "models" / "model.pt"),
+                "summary": str(run_dir / key / "eval" / "summary.json"),
+                "prediction_dir": str(run_dir / key / "eval" / "predictions"),
+                "log_dir": str(run_dir / key / "runs"),
+            }
+            for name, (bundle_dir, _) in models.items()
+            for key in [_model_key(name)]
+        ],
+    }
+    write_json_atomic(run_dir / "run.json", manifest)
     table = format_models_table(summaries, held_out=test_site)
     result = {"table": table, "models": summaries, "seconds": seconds, "held_out_site": test_site}
-    tmp = run_dir / "demo_summary.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, run_dir / "demo_summary.json")
+    write_json_atomic(run_dir / "demo_summary.json", result)
     (run_dir / "demo_table.md").write_text(table + "\n")
     print(table, flush=True)
     print(f"relkd demo: done in {seconds['total'] / 60:.1f} min; results in {run_dir}", flush=True)
     return result
 
 
-def demo_command(**kwargs: Any) -> None:
-    """``relkd demo``: see :func:`run_demo` for the arguments."""
+def demo_command(
+    out: str = "relkd_demo",
+    test_site: str = "HK",
+    student: str = "enet",
+    scale: float = 0.5,
+    size: int = 96,
+    image_size: int = 64,
+    teacher_epochs: int = 6,
+    student_epochs: int = 6,
+    num_samples: int = 4,
+    batch_size: int = 16,
+    seed: int = 0,
+    bundles: str | None = None,
+) -> None:
+    """``relkd demo``: synthetic data, teacher, distilled and plain student, per-site Dice table (see :func:`run_demo`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_demo(**kwargs)
+    run_demo(out=out, test_site=test_site, student=student, scale=scale, size=size, image_size=image_size,
+             teacher_epochs=teacher_epochs, student_epochs=student_epochs, num_samples=num_samples,
+             batch_size=batch_size, seed=seed, bundles=bundles)
