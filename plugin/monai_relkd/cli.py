@@ -6,6 +6,8 @@ Each sub-command is a plain function that lives beside the code it drives; this 
     relkd datalist --root R --test_site UCL [--val_fraction 0.2 --seed 0] --out datalist.json
     relkd profile --network monai_relkd.networks.ENet --shape 1,1,384,384
     relkd evaluate --pred DIR --datalist datalist.json [--split test]
+    relkd fsd --bundle B --datalist datalist.json --tap NAME
+    relkd report RUN_DIR [RUN_DIR ...] [--out DIR]
     relkd demo [--out relkd_demo]
 
 ``relkd COMMAND --help`` prints the arguments of one command.
@@ -21,14 +23,17 @@ def commands() -> dict:
     from monai_relkd.data.sites import datalist_command
     from monai_relkd.data.synthetic import synth_command
     from monai_relkd.demo import demo_command
-    from monai_relkd.evaluation import evaluate_command
+    from monai_relkd.evaluation import evaluate_command, fsd_command
     from monai_relkd.profiling import profile_command
+    from monai_relkd.reports import report_command
 
     return {
         "synth": synth_command,
         "datalist": datalist_command,
         "profile": profile_command,
         "evaluate": evaluate_command,
+        "fsd": fsd_command,
+        "report": report_command,
         "demo": demo_command,
     }
 

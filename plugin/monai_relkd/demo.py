@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["find_bundles_dir", "run_bundle", "run_demo", "demo_command"]
+__all__ = ["find_bundles_dir", "run_bundle", "run_demo", "demo_command", "write_json_atomic", "TEACHER"]
 
 logger = logging.getLogger("monai_relkd.demo")
 

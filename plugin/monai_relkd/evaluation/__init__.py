@@ -12,6 +12,7 @@ Example::
 """
 
 from .bundle import evaluate_bundle_predictions, format_models_table
+from .fsd import frechet_distance, fsd_command, fsd_for_bundle, gaussian_fit, pooled_features
 from .folder import evaluate_command, evaluate_folder, find_prediction, load_datalist_split, load_mask
 from .metrics import EMPTY_POLICY, METRICS, binarize, evaluate_case
 from .summary import CASES_CSV, CSV_COLUMNS, SUMMARY_JSON, format_site_table, summarize_cases, write_summary
@@ -34,4 +35,5 @@ __all__ = [
     "load_mask",
     "evaluate_folder",
     "evaluate_command",
+    "frechet_distance", "gaussian_fit", "pooled_features", "fsd_for_bundle", "fsd_command",
 ]

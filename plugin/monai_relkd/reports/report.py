@@ -1,0 +1,416 @@
+"""``relkd report``: a Markdown report with tables and PNG plots from one or several run folders.
+
+What it holds (files in ``out_dir``):
+
+- ``report.md``: the held-out-site Dice of every model per held-out site, one sentence per held-out site with the
+  Dice differences distillation made (numbers only), per-site tables (teacher, student without distillation,
+  students with distillation; mean ± std over cases; the held-out site marked), the efficiency table (parameters,
+  GFLOPs = 2 x MACs at a stated input, optional CPU latency; from each bundle's ``network_def`` via
+  :mod:`monai_relkd.profiling`), the FSD when the manifests carry one, and the plots below;
+- ``dice_per_site.png``: bars per site and model, one panel per held-out site;
+- ``dice_vs_params.png``: Dice (held-out and training sites) against parameters, log x;
+- ``curves_<SITE>_seed<S>.png``: training curves of each loss term per run (TensorBoard logs in each ``log_dir``);
+- ``overlay_<SITE>_seed<S>.png``: teacher / student / ground-truth contours on held-out-site slices (the slice
+  with the most prostate of up to ``overlay_cases`` cases);
+- ``report.json``: the numbers of the tables.
+
+Every file is written atomically (temporary file, then ``os.replace``).
+
+Example::
+
+    >>> from monai_relkd.reports import write_report
+    >>> write_report(["relkd_demo"], "relkd_demo/report")  # doctest: +SKIP
+    PosixPath('relkd_demo/report/report.md')
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from .plots import (
+    model_colors,
+    plot_dice_per_site,
+    plot_dice_vs_params,
+    plot_overlays,
+    plot_training_curves,
+    read_scalars,
+)
+from .runs import RunInfo, group_by_site, load_run, matching_baseline, model_names, site_stat
+
+__all__ = ["write_report", "report_command", "efficiency_rows", "REPORT_MD"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+REPORT_MD = "report.md"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _cell(stat: Mapping[str, Any] | None) -> str:
+    if not stat:
+        return "–"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat.get("n", 0) > 1 else f"{stat['mean']:.3f}"
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "run"
+
+
+def _sites(runs: Sequence[RunInfo], held: str) -> list[str]:
+    sites = sorted({s for r in runs for m in r.models if m.summary for s in m.summary.get("per_site", {})})
+    return [s for s in sites if s != held] + ([held] if held in sites else [])
+
+
+def _summaries(runs: Sequence[RunInfo], name: str) -> list[dict[str, Any]]:
+    return [m.summary for r in runs for m in r.models if m.name == name and m.summary]
+
+
+def _training_mean(runs: Sequence[RunInfo], name: str, held: str) -> float | None:
+    means = [st["mean"] for s in _sites(runs, held) if s != held
+             for st in [site_stat(_summaries(runs, name), s)] if st]
+    return float(np.mean(means)) if means else None
+
+
+def efficiency_rows(
+    runs: Sequence[RunInfo], image_size: int, latency: bool = False, repeats: int = 20, threads: int | None = None
+) -> list[dict[str, Any]]:
+    """
+    Parameters, MACs/FLOPs at (1, 1, image_size, image_size) and optionally the CPU latency of each distinct
+    bundle's ``network_def`` (``configs/inference.json``), with the models that use it.
+
+    Returns:
+        ``[{"bundle", "models", "network", "params", "gflops", "gmacs", "latency_ms", "threads", "error"}]``.
+    """
+    from monai_relkd.profiling import count_flops, count_parameters, measure_latency, resolve_network
+
+    bundles: dict[str, list[str]] = {}
+    for r in runs:
+        for m in r.models:
+            key = str(m.bundle) if m.bundle is not None else ""
+            if m.name not in bundles.setdefault(key, []):
+                bundles[key].append(m.name)
+    rows = []
+    shape = (1, 1, image_size, image_size)
+    for bundle, names in bundles.items():
+        row: dict[str, Any] = {"bundle": bundle, "models": names, "network": None, "params": None, "gflops": None,
+                               "gmacs": None, "latency_ms": None, "threads": None, "error": None}
+        try:
+            if not bundle:
+                raise ValueError("no bundle in run.json")
+            net = resolve_network(bundle)
+            row["network"] = type(net).__name__
+            row["params"] = count_parameters(net)
+            flops = count_flops(net, shape)
+            row["gflops"], row["gmacs"] = flops["gflops"], flops["gmacs"]
+            if latency:
+                lat = measure_latency(net, shape, repeats=repeats, warmup=3, threads=threads)
+                row["latency_ms"], row["threads"] = lat["latency_ms_median"], lat["threads"]
+        except Exception as err:  # noqa: BLE001 - one broken bundle path should not stop the report
+            logger.warning("cannot profile bundle %s: %s", bundle, err)
+            row["error"] = str(err)
+        rows.append(row)
+    return rows
+
+
+def _load_array(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    arr = np.asanyarray(nib.load(str(path)).dataobj)
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return arr
+
+
+def _overlay_panels(run: RunInfo, max_cases: int) -> list[dict[str, Any]]:
+    from monai_relkd.evaluation import find_prediction, load_datalist_split
+
+    if run.datalist is None or not run.datalist.is_file() or max_cases < 1:
+        return []
+    try:
+        cases = load_datalist_split(run.datalist, "test")
+    except (KeyError, ValueError) as err:
+        logger.warning("no overlays for %s: %s", run.path, err)
+        return []
+    cases = sorted((c for c in cases if c["site"] == run.held_out_site), key=lambda c: c["case"]) or cases
+    if not cases:
+        return []
+    pick = sorted(set(np.linspace(0, len(cases) - 1, min(max_cases, len(cases))).round().astype(int).tolist()))
+    panels = []
+    for i in pick:
+        case = cases[i]
+        if not case["image"].is_file() or not case["label"].is_file():
+            continue
+        image, truth = _load_array(case["image"]).astype(np.float32), _load_array(case["label"]) > 0
+        if image.ndim != 3 or truth.shape != image.shape:
+            continue
+        k = int(np.argmax(truth.sum(axis=(0, 1))))
+        preds = {}
+        for m in run.models:
+            if m.prediction_dir is None or not m.prediction_dir.is_dir():
+                continue
+            try:
+                pred = _load_array(find_prediction(m.prediction_dir, case["image"], "_seg", site=case["site"],
+                                                   case=case["case"]))
+            except (FileNotFoundError, ValueError):
+                continue
+            if pred.shape == truth.shape:
+                preds[m.name] = pred[..., k] > 0
+        panels.append({"title": f"{case['site']}/{case['case']}, slice {k}", "image": image[..., k],
+                       "truth": truth[..., k], "predictions": preds})
+    return panels
+
+
+def write_report(
+    run_dirs: Sequence[PathLike],
+    out_dir: PathLike,
+    latency: bool = False,
+    image_size: int | None = None,
+    overlay_cases: int = 3,
+    latency_repeats: int = 20,
+    threads: int | None = None,
+) -> Path:
+    """
+    Write ``report.md``, its PNG plots and ``report.json`` into ``out_dir`` from one or several run folders.
+
+    Args:
+        run_dirs: run folders, each holding a ``run.json`` (see :mod:`monai_relkd.reports.runs`); runs with the
+            same held-out site (seeds) are combined by pooling their cases.
+        out_dir: output folder (created).
+        latency: also time the networks on CPU (costs a few seconds per bundle).
+        image_size: in-plane input size of the efficiency table (default: the runs' ``image_size``, else 128).
+        overlay_cases: held-out cases drawn per run in the contour overlays (0: no overlays).
+        latency_repeats, threads: timed forward passes and CPU threads of the latency.
+
+    Returns:
+        path of ``report.md``.
+
+    Raises:
+        ValueError: no run folder, or no model of any run has a ``summary.json``.
+        FileNotFoundError: a folder without ``run.json``.
+    """
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]
+    if not run_dirs:
+        raise ValueError("give at least one run folder.")
+    if isinstance(overlay_cases, bool) or not isinstance(overlay_cases, int) or overlay_cases < 0:
+        raise ValueError(f"overlay_cases must be an int >= 0, got {overlay_cases!r}.")
+    runs = [load_run(d) for d in run_dirs]
+    if not any(m.summary for r in runs for m in r.models):
+        raise ValueError(
+            f"no model of {[str(r.path) for r in runs]} has a summary.json: evaluate the models first "
+            "(the bundles' evaluate.json)."
+        )
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_by_site(runs)
+    names = model_names(runs)
+    roles = {m.name: m.role for r in runs for m in r.models}
+    colors = model_colors(names)
+    sizes = sorted({r.image_size for r in runs if r.image_size})
+    size = int(image_size or (sizes[0] if sizes else 128))
+    md: list[str] = ["# monai-relkd report", ""]
+    data: dict[str, Any] = {"runs": [], "held_out": {}, "per_site": {}, "deltas": [], "efficiency": [], "plots": []}
+    missing = [f"{r.label}: {m.name}" for r in runs for m in r.models if not m.summary]
+
+    md += [f"{len(runs)} run folder(s); held-out sites: {', '.join(groups)}; seeds: "
+           f"{', '.join(sorted({str(r.seed) for r in runs}))}. Dice is the mean ± std over cases (pooled over the "
+           "runs of a held-out site); training sites are scored on their validation cases.", "",
+           "| run | held-out site | seed | image size | models |", "|---|---|---|---:|---|"]
+    for r in runs:
+        md.append(f"| `{r.path}` | {r.held_out_site} | {r.seed} | {r.image_size} | "
+                  f"{', '.join(f'{m.name} ({m.role})' for m in r.models)} |")
+        data["runs"].append({"path": str(r.path), "held_out_site": r.held_out_site, "seed": r.seed,
+                             "image_size": r.image_size, "models": [m.name for m in r.models]})
+    if missing:
+        md += ["", f"Not evaluated (no summary.json): {', '.join(missing)}."]
+
+    # ---- held-out Dice of every model, and what distillation changed
+    md += ["", "## Generalization: Dice on the held-out site", "",
+           "| model | role | " + " | ".join(groups) + " | mean over held-out sites |",
+           "|---|---|" + "---:|" * (len(groups) + 1)]
+    held_means: dict[str, float | None] = {}
+    for name in names:
+        stats = {h: site_stat(_summaries(g, name), h) for h, g in groups.items()}
+        data["held_out"][name] = stats
+        means = [s["mean"] for s in stats.values() if s]
+        held_means[name] = float(np.mean(means)) if means else None
+        mean_cell = f"{held_means[name]:.3f}" if means else "–"
+        md.append(f"| {name} | {roles[name]} | " + " | ".join(_cell(stats[h]) for h in groups) + f" | {mean_cell} |")
+    md += ["", "### What distillation changed", ""]
+    for held, g in groups.items():
+        parts = []
+        models = {m.name: m for r in g for m in r.models}
+        for name in names:
+            m = models.get(name)
+            if m is None or m.role != "student":
+                continue
+            base = matching_baseline(m, list(models.values()))
+            if base is None:
+                continue
+            s, b = site_stat(_summaries(g, name), held), site_stat(_summaries(g, base.name), held)
+            if not s or not b:
+                continue
+            text = (f"{name} vs {base.name}: {_signed(s['mean'] - b['mean'])} Dice on {held} "
+                    f"({s['mean']:.3f} vs {b['mean']:.3f})")
+            ts, tb = _training_mean(g, name, held), _training_mean(g, base.name, held)
+            if ts is not None and tb is not None:
+                text += f", {_signed(ts - tb)} on the training sites ({ts:.3f} vs {tb:.3f})"
+            parts.append(text)
+            data["deltas"].append({"held_out_site": held, "student": name, "baseline": base.name,
+                                   "delta_held_out": s["mean"] - b["mean"],
+                                   "delta_training": None if ts is None or tb is None else ts - tb})
+        teachers = [n for n in names if roles[n] == "teacher" and site_stat(_summaries(g, n), held)]
+        for t in teachers:
+            parts.append(f"{t}: {site_stat(_summaries(g, t), held)['mean']:.3f} on {held}")
+        n_runs = len(g)
+        md.append(f"- **{held} held out** ({n_runs} run{'s' if n_runs > 1 else ''}): "
+                  + ("; ".join(parts) if parts else "no student/baseline pair evaluated") + ".")
+
+    # ---- per-site tables
+    plot_groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for held, g in groups.items():
+        sites = _sites(g, held)
+        header = [f"**{s} (held out)**" if s == held else s for s in sites]
+        md += ["", f"## Per-site Dice, held-out site {held}", "",
+               "| model | role | " + " | ".join(header) + " | mean of training sites |",
+               "|---|---|" + "---:|" * (len(sites) + 1)]
+        plot_groups[held] = {s: {} for s in sites}
+        data["per_site"][held] = {}
+        for name in names:
+            sums = _summaries(g, name)
+            if not sums:
+                continue
+            stats = {s: site_stat(sums, s) for s in sites}
+            for s in sites:
+                plot_groups[held][s][name] = stats[s]
+            data["per_site"][held][name] = stats
+            tm = _training_mean(g, name, held)
+            tm_cell = f"{tm:.3f}" if tm is not None else "–"
+            md.append(f"| {name} | {roles[name]} | " + " | ".join(_cell(stats[s]) for s in sites) + f" | {tm_cell} |")
+    evaluated = [n for n in names if any(_summaries(g, n) for g in groups.values())]
+    p = plot_dice_per_site(plot_groups, evaluated, out / "dice_per_site.png", colors)
+    md += ["", f"![Dice per site and model]({p.name})"]
+    data["plots"].append(p.name)
+
+    # ---- efficiency
+    rows = efficiency_rows(runs, size, latency=latency, repeats=latency_repeats, threads=threads)
+    data["efficiency"] = rows
+    lat_head = "CPU latency (ms, median)" if latency else "CPU latency"
+    md += ["", "## Efficiency", "",
+           f"Parameters and GFLOPs (= 2 × MACs; convolutions and matrix products, torch FlopCounterMode) of each "
+           f"bundle's `network_def` for one 1×1×{size}×{size} input."
+           + (f" Latency: median of {latency_repeats} eval-mode forwards of that input on CPU." if latency else
+              " Latency not measured (pass `latency=True` / `--latency`)."), "",
+           f"| model(s) | network | params (M) | GFLOPs | {lat_head} |", "|---|---|---:|---:|---:|"]
+    params_of: dict[str, int] = {}
+    for row in rows:
+        for n in row["models"]:
+            if row["params"]:
+                params_of[n] = row["params"]
+        if row["error"]:
+            md.append(f"| {', '.join(row['models'])} | n/a | n/a | n/a | n/a |")
+            continue
+        lat = f"{row['latency_ms']:.1f} ({row['threads']} threads)" if row["latency_ms"] is not None else "–"
+        md.append(f"| {', '.join(row['models'])} | {row['network']} | {row['params'] / 1e6:.3f} "
+                  f"| {row['gflops']:.3f} | {lat} |")
+    errors = [f"`{r['bundle'] or '?'}`: {r['error']}" for r in rows if r["error"]]
+    if errors:
+        md += ["", "Not profiled: " + "; ".join(errors)]
+    points = [{"name": n, "params": params_of.get(n), "held_out": held_means.get(n),
+               "training": (float(np.mean(tms)) if (tms := [t for h, g in groups.items()
+                                                            for t in [_training_mean(g, n, h)] if t is not None])
+                            else None)}
+              for n in evaluated]
+    p = plot_dice_vs_params(points, out / "dice_vs_params.png", colors)
+    md += ["", f"![Dice against parameters]({p.name})"]
+    data["plots"].append(p.name)
+
+    # ---- FSD, when the manifests carry it
+    fsd_rows = [(r, m) for r in runs for m in r.models if m.fsd and m.fsd.get("fsd") is not None]
+    if fsd_rows:
+        md += ["", "## Fréchet semantic distance (training sites vs held-out site; lower: more domain-invariant)",
+               "", "FSD values of different networks or taps are not comparable (their feature scales differ); compare a "
+               "network with itself (e.g. a student with and without distillation) at the same tap.", "",
+               "| run | model | tap | FSD | slices (train / held out) |", "|---|---|---|---:|---|"]
+        for r, m in fsd_rows:
+            md.append(f"| {r.label} | {m.name} | `{m.fsd.get('tap')}` | {m.fsd['fsd']:.4f} | "
+                      f"{m.fsd.get('n_train')} / {m.fsd.get('n_test')} |")
+
+    # ---- training curves and overlays, per run
+    md += ["", "## Training curves", ""]
+    used: set[str] = set()
+
+    def unique(stem: str) -> str:
+        name, i = stem, 1
+        while name in used:
+            i += 1
+            name = f"{stem}_{i}"
+        used.add(name)
+        return name
+
+    overlay_md: list[str] = []
+    for r in runs:
+        stem = unique(_slug(r.label))
+        curves = {m.name: read_scalars(m.log_dir) for m in r.models}
+        p = plot_training_curves({k: v for k, v in curves.items() if v}, out / f"curves_{stem}.png",
+                                 title=f"held-out {r.held_out_site}, seed {r.seed}", colors=colors)
+        if p is None:
+            md.append(f"- {r.label}: no TensorBoard scalars found in the models' log_dir.")
+        else:
+            md += [f"### {r.held_out_site}, seed {r.seed}", "", f"![Training curves {r.label}]({p.name})", ""]
+            data["plots"].append(p.name)
+        panels = _overlay_panels(r, overlay_cases)
+        p = plot_overlays(panels, out / f"overlay_{stem}.png", colors=colors,
+                          title=f"held-out {r.held_out_site}, seed {r.seed}") if panels else None
+        if p is None:
+            overlay_md.append(f"- {r.label}: no held-out case with image, label and predictions found.")
+        else:
+            overlay_md += [f"### {r.held_out_site}, seed {r.seed}", "",
+                           "Slice with the most prostate of each case; ground truth dashed.", "",
+                           f"![Contours {r.label}]({p.name})", ""]
+            data["plots"].append(p.name)
+    if overlay_cases:
+        md += ["", "## Contours on held-out-site slices", ""] + overlay_md
+
+    report = out / REPORT_MD
+    _write_text(out / "report.json", json.dumps(data, indent=2, default=str) + "\n")
+    _write_text(report, "\n".join(md).rstrip() + "\n")
+    return report
+
+
+def report_command(
+    *run_dirs: str,
+    out: str | None = None,
+    latency: bool = False,
+    image_size: int | None = None,
+    overlay_cases: int = 3,
+) -> None:
+    """
+    ``relkd report RUN_DIR [RUN_DIR ...] [--out DIR] [--latency] [--image_size N] [--overlay_cases 3]``: write the
+    Markdown report with plots (see :func:`write_report`). ``out`` defaults to ``RUN_DIR/report`` for one run and
+    to ``report/`` in the runs' common parent folder for several.
+    """
+    if not run_dirs:
+        raise ValueError("usage: relkd report RUN_DIR [RUN_DIR ...] [--out DIR]")
+    if out is None:
+        paths = [str(Path(d).resolve()) for d in run_dirs]
+        out = os.path.join(paths[0] if len(paths) == 1 else os.path.commonpath(paths), "report")
+    path = write_report(list(run_dirs), out, latency=latency, image_size=image_size, overlay_cases=overlay_cases)
+    print(f"wrote {path}")
