@@ -8,6 +8,7 @@ Each sub-command is a plain function that lives beside the code it drives; this 
     relkd evaluate --pred DIR --datalist datalist.json [--split test]
     relkd fsd --bundle B --datalist datalist.json --tap NAME
     relkd report RUN_DIR [RUN_DIR ...] [--out DIR]
+    relkd package --bundle B --out DIR [--include_weights False --base_url URL]
     relkd demo [--out relkd_demo]
 
 ``relkd COMMAND --help`` prints the arguments of one command.
@@ -25,6 +26,7 @@ def commands() -> dict:
     from monai_relkd.demo import demo_command
     from monai_relkd.evaluation import evaluate_command, fsd_command
     from monai_relkd.profiling import profile_command
+    from monai_relkd.release import package_command
     from monai_relkd.reports import report_command
 
     return {
@@ -34,6 +36,7 @@ def commands() -> dict:
         "evaluate": evaluate_command,
         "fsd": fsd_command,
         "report": report_command,
+        "package": package_command,
         "demo": demo_command,
     }
 
