@@ -39,7 +39,7 @@ def load_volume(rec) -> tuple[np.ndarray, np.ndarray]:
     img = np.asarray(nib.load(rec.image).dataobj, dtype=np.float32)
     lab = np.asarray(nib.load(rec.label).dataobj) > 0
     lo, hi = np.percentile(img, (1.0, 99.0))
-    img = np.clip((img - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    img = np.clip((img - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
     return img, lab
 
 
