@@ -98,3 +98,30 @@ def test_site_prefixed_prediction_names_do_not_collide_and_match_saveimaged(tmp_
         assert expected.name == f"{site}_Case00_seg.nii.gz"
         written.append(expected)
     assert written[0] != written[1]
+
+
+def test_embedded_default_is_generated_once_with_a_log_line(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from monai_relkd.data import scan_sites
+
+    monkeypatch.setenv(bs.DATA_DIR_ENV, str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="monai_relkd.bundle_support"):
+        first = bs.default_dataset_dir(scale=0.01, size=32, seed=0)
+    assert any("generating the synthetic six-site set" in r.getMessage() for r in caplog.records)
+    assert Path(first).parent == tmp_path / "cache"
+    assert len(scan_sites(first).sites) == 6
+    stamp = {p: p.stat().st_mtime_ns for p in Path(first).rglob("*.nii.gz")}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="monai_relkd.bundle_support"):
+        assert bs.default_dataset_dir(scale=0.01, size=32, seed=0) == first
+    assert not caplog.records, "the second call reuses the set silently"
+    assert {p: p.stat().st_mtime_ns for p in Path(first).rglob("*.nii.gz")} == stamp
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(first).name], "no staging folder left behind"
+
+
+def test_bundles_default_to_the_embedded_set():
+    repo = Path(__file__).resolve().parents[1]
+    for train in (repo / "bundles").glob("*/configs/train.json"):
+        cfg = json.loads(train.read_text())
+        assert cfg["dataset_dir"] == "$monai_relkd.bundle_support.default_dataset_dir()", train
