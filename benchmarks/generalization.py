@@ -171,8 +171,12 @@ class Progress:
 
 
 def _train_and_evaluate(bundle: Path, common: dict[str, Any], model_dir: Path, extra: dict[str, Any],
-                        force: bool, progress: Progress, label: str) -> dict[str, float]:
-    """Train and evaluate one model unless its results exist with the same overrides."""
+                        force: bool, progress: Progress, label: str,
+                        splits: tuple[str, ...] = ("validation", "test")) -> dict[str, float]:
+    """Train and evaluate one model (on the datalist's ``splits``) unless its results exist with the same overrides.
+
+    With no ``splits`` the model is trained only (the tuning script's teacher, evaluated later by the benchmark).
+    """
     override = {**common, **extra, "ckpt_dir": str(model_dir / "models"), "output_dir": str(model_dir / "eval"),
                 "log_dir": str(model_dir / "runs")}
     record = model_dir / "overrides.json"
@@ -193,18 +197,50 @@ def _train_and_evaluate(bundle: Path, common: dict[str, Any], model_dir: Path, e
             raise RuntimeError(f"{label}: training wrote no checkpoint {ckpt} (no validation run? check val_interval)")
         write_json_atomic(record, override)
         seconds["train"] = time.perf_counter() - t
+    if not splits:
+        return seconds
     if summary.is_file() and "train" not in seconds and not force:
         progress.step(f"{label}: summary exists, not re-evaluated")
     else:
-        t = progress.step(f"{label}: evaluating on validation cases and the held-out site")
-        run_bundle(bundle, ["train.json", "evaluate.json"], **override, evaluation_split=["validation", "test"])
+        t = progress.step(f"{label}: evaluating on the {' and '.join(splits)} cases")
+        run_bundle(bundle, ["train.json", "evaluate.json"], **override, evaluation_split=list(splits))
         seconds["evaluate"] = time.perf_counter() - t
     return seconds
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def prepare_data(args: argparse.Namespace, out: Path) -> Path:
+    """The six-site folder: ``--data``, or the synthetic set in ``OUT/data`` (generated once)."""
+    if args.data is not None:
+        return Path(args.data).resolve()
+    from monai_relkd.data.synthetic import generate_six_site_dataset
+
+    data_dir = out / "data"
+    if not (data_dir / "dataset.json").is_file():
+        generate_six_site_dataset(data_dir, scale=args.scale, size=args.size, seed=args.data_seed)
+    return data_dir
+
+
+def prepare_run(args: argparse.Namespace, out: Path, data_dir: Path, site: str,
+                seed: int) -> tuple[Path, Path, dict[str, Any]]:
+    """``(run_dir, datalist_path, common bundle overrides)`` of one (held-out site, seed) run."""
     from monai_relkd.bundle_support import bundle_datalist
 
+    run_dir = out / "runs" / f"{site}_seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    datalist_path = run_dir / "datalist.json"
+    write_json_atomic(datalist_path, bundle_datalist(data_dir, test_site=site, seed=seed))
+    common = {"dataset_dir": str(data_dir), "datalist_file": str(datalist_path), "test_site": site,
+              "seed": seed, "image_size": args.image_size, "num_samples": args.num_samples,
+              "batch_size": args.batch_size, "num_workers": 0}
+    return run_dir, datalist_path, common
+
+
+def teacher_extra(args: argparse.Namespace) -> dict[str, Any]:
+    """The teacher's own overrides (epochs and validation interval)."""
+    return {"max_epochs": args.teacher_epochs, "val_interval": max(1, args.teacher_epochs // 4)}
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     bundles = find_bundles_dir(args.bundles)
     teacher_bundle = bundles / TEACHER
     student_bundles = {s: bundles / f"prostate_mri_student_{s}" for s in args.students}
@@ -238,30 +274,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         pass
 
     t = progress.step("data")
-    if args.data is not None:
-        data_dir = Path(args.data).resolve()
-    else:
-        from monai_relkd.data.synthetic import generate_six_site_dataset
-
-        data_dir = out / "data"
-        if not (data_dir / "dataset.json").is_file():
-            generate_six_site_dataset(data_dir, scale=args.scale, size=args.size, seed=args.data_seed)
+    data_dir = prepare_data(args, out)
     record["seconds"]["data"] = time.perf_counter() - t
 
     run_dirs: list[Path] = []
     for site in args.sites:
         for seed in args.seeds:
-            run_dir = out / "runs" / f"{site}_seed{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            datalist_path = run_dir / "datalist.json"
-            write_json_atomic(datalist_path, bundle_datalist(data_dir, test_site=site, seed=seed))
-            common = {"dataset_dir": str(data_dir), "datalist_file": str(datalist_path), "test_site": site,
-                      "seed": seed, "image_size": args.image_size, "num_samples": args.num_samples,
-                      "batch_size": args.batch_size, "num_workers": 0}
+            run_dir, datalist_path, common = prepare_run(args, out, data_dir, site, seed)
             teacher_ckpt = str(run_dir / "teacher" / "models" / "model.pt")
             plan: list[tuple[str, str, Path, Path, dict[str, Any], str | None]] = [(
-                "teacher", "teacher", teacher_bundle, run_dir / "teacher",
-                {"max_epochs": args.teacher_epochs, "val_interval": max(1, args.teacher_epochs // 4)}, "aspp")]
+                "teacher", "teacher", teacher_bundle, run_dir / "teacher", teacher_extra(args), "aspp")]
             for student, bundle in student_bundles.items():
                 defaults = _bundle_defaults(bundle)
                 for method in args.methods:

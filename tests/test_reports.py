@@ -120,6 +120,23 @@ def test_combined_runs_and_command(run_dir, tmp_path, capsys):
     text = (tmp_path / "both" / "report.md").read_text()
     assert "(2 runs)" in text and f"{pooled['mean']:.3f} ± {pooled['std']:.3f}" in text
     assert (tmp_path / "both" / "curves_HK_seed1.png").is_file()
+    # the spread across seeds: each seed's own held-out mean, their std, and the difference from the baseline
+    per_seed = {r.seed: {m.name: site_stat([m.summary], "HK")["mean"] for m in r.models} for r in runs}
+    student, base = "enet + relational KD", "enet (no KD)"
+    assert per_seed[0][student] != per_seed[1][student]
+    seeds = np.array([per_seed[0][student], per_seed[1][student]])
+    deltas = np.array([per_seed[sd][student] - per_seed[sd][base] for sd in (0, 1)])
+    assert "### Spread across seeds" in text
+    assert f"| {student} | HK | {seeds[0]:.3f} (s0), {seeds[1]:.3f} (s1) | {seeds.mean():.3f} ± {seeds.std():.3f} |" in text
+    data = json.loads((tmp_path / "both" / "report.json").read_text())
+    rec = next(r for r in data["seed_spread"] if r["model"] == student and r["held_out"] == "HK")
+    assert rec["std"] == pytest.approx(seeds.std()) and rec["std"] > 0
+    assert rec["delta_mean"] == pytest.approx(deltas.mean()) and rec["delta_std"] == pytest.approx(deltas.std())
+    assert rec["baseline"] == base
+    # a single seed has no spread to report
+    one = (tmp_path / "one" / "report.md")
+    write_report([run_dir], one.parent, overlay_cases=0)
+    assert "Spread across seeds" not in one.read_text()
 
 
 def test_read_scalars_merges_writers(run_dir):

@@ -88,6 +88,70 @@ def _training_mean(runs: Sequence[RunInfo], name: str, held: str) -> float | Non
     return float(np.mean(means)) if means else None
 
 
+def _seed_means(group: Sequence[RunInfo], name: str, held: str) -> dict[int, float]:
+    """``{seed: mean Dice of model `name` on the held-out site in that seed's run}``."""
+    out: dict[int, float] = {}
+    for r in group:
+        for m in r.models:
+            st = site_stat([m.summary], held) if m.name == name and m.summary else None
+            if st:
+                out[int(r.seed)] = st["mean"]
+    return out
+
+
+def seed_spread(
+    groups: Mapping[str, Sequence[RunInfo]], names: Sequence[str], roles: Mapping[str, str]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """
+    Markdown lines and records of the spread across seeds of the held-out Dice, and of each student's difference
+    from its baseline, per held-out site and for the mean over held-out sites (seeds holding every site).
+
+    Each run contributes its own mean over the held-out site's cases; the spread is the standard deviation
+    (ddof=0) of those per-seed means. Nothing is returned when no held-out site has runs of two seeds.
+    """
+    if not any(len({r.seed for r in g}) > 1 for g in groups.values()):
+        return [], []
+    per: dict[str, dict[str, dict[int, float]]] = {
+        name: {held: _seed_means(g, name, held) for held, g in groups.items()} for name in names}
+    for name in names:  # the mean over held-out sites, for seeds that hold every site
+        seeds = set.intersection(*(set(v) for v in per[name].values()))
+        per[name]["mean over held-out sites"] = {
+            sd: float(np.mean([per[name][h][sd] for h in groups])) for sd in sorted(seeds)}
+    baselines: dict[str, str] = {}
+    for g in groups.values():
+        models = {m.name: m for r in g for m in r.models}
+        for m in models.values():
+            base = matching_baseline(m, list(models.values())) if m.role == "student" else None
+            if base is not None:
+                baselines.setdefault(m.name, base.name)
+    lines = ["", "### Spread across seeds", "",
+             "Each run's mean Dice on its held-out site, per seed; then mean ± std (ddof=0) over seeds. The last "
+             "column is the same for the difference from the student's baseline (seeds where both ran).", "",
+             "| model | held-out site | per seed | mean ± std over seeds | − baseline: mean ± std over seeds |",
+             "|---|---|---|---:|---:|"]
+    records: list[dict[str, Any]] = []
+    for where in [*groups, "mean over held-out sites"]:
+        for name in names:
+            vals = per[name][where]
+            if len(vals) < 2:
+                continue
+            arr = np.array(list(vals.values()))
+            rec: dict[str, Any] = {"model": name, "role": roles[name], "held_out": where, "per_seed": vals,
+                                   "mean": float(arr.mean()), "std": float(arr.std())}
+            delta_cell = "–"
+            base = per.get(baselines.get(name, ""), {}).get(where, {})
+            common = sorted(set(vals) & set(base))
+            if common:
+                d = np.array([vals[sd] - base[sd] for sd in common])
+                rec.update(baseline=baselines[name], delta_per_seed={sd: float(vals[sd] - base[sd]) for sd in common},
+                           delta_mean=float(d.mean()), delta_std=float(d.std()))
+                delta_cell = f"{_signed(float(d.mean()))} ± {d.std():.3f} (n={len(common)})"
+            records.append(rec)
+            lines.append(f"| {name} | {where} | " + ", ".join(f"{v:.3f} (s{sd})" for sd, v in vals.items())
+                         + f" | {arr.mean():.3f} ± {arr.std():.3f} | {delta_cell} |")
+    return lines, records
+
+
 def efficiency_rows(
     runs: Sequence[RunInfo], image_size: int, latency: bool = False, repeats: int = 20, threads: int | None = None
 ) -> list[dict[str, Any]]:
@@ -282,6 +346,10 @@ def write_report(
         n_runs = len(g)
         md.append(f"- **{held} held out** ({n_runs} run{'s' if n_runs > 1 else ''}): "
                   + ("; ".join(parts) if parts else "no student/baseline pair evaluated") + ".")
+
+    # ---- spread across seeds (only where a held-out site has runs with several seeds)
+    spread_md, data["seed_spread"] = seed_spread(groups, names, roles)
+    md += spread_md
 
     # ---- per-site tables
     plot_groups: dict[str, dict[str, dict[str, Any]]] = {}
