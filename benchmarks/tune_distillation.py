@@ -36,6 +36,7 @@ DEFAULT_GRID = (
     "1,0.01,1,4",  # the provisional defaults
     "0.1,0.01,1,4",
     "1,0.01,0.1,4",
+    "0.1,0.001,0.1,4",  # every term ten times lighter
     "1,0.01,1,1",
 )
 KEYS = ("lambda_logits", "lambda_km", "lambda_aa", "temperature")
