@@ -133,6 +133,8 @@ def test_combined_runs_and_command(run_dir, tmp_path, capsys):
     assert rec["std"] == pytest.approx(seeds.std()) and rec["std"] > 0
     assert rec["delta_mean"] == pytest.approx(deltas.mean()) and rec["delta_std"] == pytest.approx(deltas.std())
     assert rec["baseline"] == base
+    assert f"| {student} | mean over held-out sites |" not in text  # one held-out site: no row repeating it
+    assert all(r["held_out"] == "HK" for r in data["seed_spread"])
     # a single seed has no spread to report
     one = (tmp_path / "one" / "report.md")
     write_report([run_dir], one.parent, overlay_cases=0)

@@ -113,7 +113,8 @@ def seed_spread(
         return [], []
     per: dict[str, dict[str, dict[int, float]]] = {
         name: {held: _seed_means(g, name, held) for held, g in groups.items()} for name in names}
-    for name in names:  # the mean over held-out sites, for seeds that hold every site
+    wheres = [*groups, "mean over held-out sites"] if len(groups) > 1 else list(groups)
+    for name in names if len(groups) > 1 else ():  # the mean over held-out sites, for seeds holding every site
         seeds = set.intersection(*(set(v) for v in per[name].values()))
         per[name]["mean over held-out sites"] = {
             sd: float(np.mean([per[name][h][sd] for h in groups])) for sd in sorted(seeds)}
@@ -130,7 +131,7 @@ def seed_spread(
              "| model | held-out site | per seed | mean ± std over seeds | − baseline: mean ± std over seeds |",
              "|---|---|---|---:|---:|"]
     records: list[dict[str, Any]] = []
-    for where in [*groups, "mean over held-out sites"]:
+    for where in wheres:
         for name in names:
             vals = per[name][where]
             if len(vals) < 2:
