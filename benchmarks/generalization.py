@@ -240,6 +240,12 @@ def teacher_extra(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_epochs": args.teacher_epochs, "val_interval": max(1, args.teacher_epochs // 4)}
 
 
+def student_extra(args: argparse.Namespace, teacher_ckpt: str) -> dict[str, Any]:
+    """A student's own overrides (epochs, validation interval, teacher checkpoint), before its method's λs."""
+    return {"max_epochs": args.student_epochs, "val_interval": max(1, args.student_epochs // 4),
+            "teacher_ckpt": teacher_ckpt}
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     bundles = find_bundles_dir(args.bundles)
     teacher_bundle = bundles / TEACHER
@@ -288,8 +294,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 defaults = _bundle_defaults(bundle)
                 for method in args.methods:
                     suffix, role = METHODS[method]
-                    extra = {"max_epochs": args.student_epochs, "val_interval": max(1, args.student_epochs // 4),
-                             "teacher_ckpt": teacher_ckpt, **method_overrides(method, defaults, args.skd_grid)}
+                    extra = {**student_extra(args, teacher_ckpt), **method_overrides(method, defaults, args.skd_grid)}
                     tap = defaults["taps"][0]["student"] if defaults.get("taps") else None
                     plan.append((f"{student} {suffix}", role, bundle, run_dir / f"{student}_{method}", extra, tap))
             models = []

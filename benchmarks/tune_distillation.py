@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for point in grid:
         tag = point_tag(point)
-        extra = {"max_epochs": args.student_epochs, "val_interval": max(1, args.student_epochs // 4),
-                 "teacher_ckpt": teacher_ckpt, **{f"distillation#{k}": v for k, v in point.items()}}
+        extra = {**gen.student_extra(args, teacher_ckpt), **{f"distillation#{k}": v for k, v in point.items()}}
         seconds = gen._train_and_evaluate(student_bundle, common, tune_dir / tag, extra, args.force, progress,
                                           f"{own.student} {tag}", splits=("validation",))
         with open(tune_dir / tag / "eval" / "summary.json") as f:
