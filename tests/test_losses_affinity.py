@@ -178,3 +178,80 @@ def test_memberships_are_pooled_one_hot() -> None:
     label[0, 0, 0, 0] = 1
     p = AdaptiveAffinityLoss(grid=2)._memberships(label, None, 1, (2, 2), torch.float64)
     np.testing.assert_allclose(p[0].numpy(), [[0.75, 0.25], [1, 0], [1, 0], [1, 0]])
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "s_shape,t_shape,label_size,options,size",
+    [
+        ((2, 3, 8, 8), (2, 5, 4, 4), (8, 8), {"node_size": 2}, (2, 2)),  # CIRKD-style: 2x2-pixel nodes
+        ((2, 3, 8, 4), (2, 4, 8, 4), (8, 4), {"grid": 2}, (2, 2)),  # SKD-style: half the map side, 2x2 nodes
+        ((1, 2, 4, 4, 4), (1, 3, 4, 4, 8), (4, 4, 8), {"node_size": (2, 2, 4)}, (2, 2, 1)),  # 3-D
+        ((1, 2, 4, 6, 2), (1, 3, 4, 6, 2), (4, 6, 2), {"grid": (2, 3, 1)}, (2, 3, 1)),  # 3-D
+    ],
+)
+def test_node_pooling_matches_pair_loop_reference(mode, pool, s_shape, t_shape, label_size, options, size) -> None:
+    f_s, f_t, label, z_t = _inputs(s_shape, t_shape, label_size)
+    memberships = {"uniform": None, "label": one_hot(label.numpy(), 3), "teacher": softmax(z_t.numpy())}[mode]
+    expected = aa_reference(f_s.numpy(), f_t.numpy(), size, memberships, w_intra=0.7, w_inter=1.9, pool=pool)
+    for naive in (False, True):
+        loss = AdaptiveAffinityLoss(
+            pair_weights=mode, w_intra=0.7, w_inter=1.9, num_classes=3, naive=naive, pool=pool, **options
+        )
+        value = loss(f_s, f_t, label=label, teacher_logits=z_t)
+        assert value.item() == pytest.approx(expected, rel=1e-10), f"naive={naive}"
+
+
+def test_max_and_avg_pooling_differ() -> None:
+    f_s, f_t, label, _ = _inputs((2, 3, 8, 8), (2, 5, 8, 8), (8, 8))
+    avg = AdaptiveAffinityLoss(grid=2, pool="avg", pair_weights="uniform")(f_s, f_t)
+    mx = AdaptiveAffinityLoss(grid=2, pool="max", pair_weights="uniform")(f_s, f_t)
+    assert abs(avg.item() - mx.item()) > 1e-6
+
+
+def test_grid_gives_the_same_nodes_whatever_the_input_size() -> None:
+    loss = AdaptiveAffinityLoss(grid=8)
+    by_node = AdaptiveAffinityLoss(node_size=2)
+    for side in (16, 32, 64):
+        assert loss.grid_size((side, side), (side // 2, side // 2)) == (8, 8)
+    assert by_node.grid_size((16, 16), (8, 8)) == (4, 4)
+    assert by_node.grid_size((32, 32), (16, 16)) == (8, 8)  # node_size follows the resolution, grid does not
+    assert by_node.grid_size((9, 16), (9, 16)) == (5, 8)  # a partial node at the border
+
+
+def test_invariant_to_feature_scale() -> None:
+    f_s, f_t, label, _ = _inputs((2, 3, 8, 8), (2, 5, 4, 4), (8, 8))
+    loss = AdaptiveAffinityLoss(grid=4, pool="max", num_classes=3)
+    ref = loss(f_s, f_t, label=label).item()
+    assert ref > 1e-3
+    for factor in (10.0, 0.01):
+        assert loss(f_s * factor, f_t, label=label).item() == pytest.approx(ref, rel=1e-5)
+        assert loss(f_s, f_t * factor, label=label).item() == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reduction_none_sum_mean(mode) -> None:
+    f_s, f_t, label, z_t = _inputs((3, 3, 8, 8), (3, 5, 4, 4), (8, 8))
+    kwargs = dict(grid=4, pair_weights=mode, num_classes=3)
+    values = AdaptiveAffinityLoss(reduction="none", **kwargs)(f_s, f_t, label=label, teacher_logits=z_t)
+    assert values.shape == (3,)
+    mean = AdaptiveAffinityLoss(**kwargs)(f_s, f_t, label=label, teacher_logits=z_t)
+    total = AdaptiveAffinityLoss(reduction="sum", **kwargs)(f_s, f_t, label=label, teacher_logits=z_t)
+    assert mean.item() == pytest.approx(values.mean().item(), rel=1e-10)
+    assert total.item() == pytest.approx(values.sum().item(), rel=1e-10)
+    one = AdaptiveAffinityLoss(**kwargs)(f_s[2:], f_t[2:], label=label[2:], teacher_logits=z_t[2:])
+    assert values[2].item() == pytest.approx(one.item(), rel=1e-10)
+
+
+def test_node_pooling_validation() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        AdaptiveAffinityLoss(grid=2, node_size=2)
+    with pytest.raises(ValueError, match="pool"):
+        AdaptiveAffinityLoss(pool="min")
+    with pytest.raises(ValueError, match="node_size"):
+        AdaptiveAffinityLoss(node_size=0)
+    with pytest.raises(ValueError, match="reduction"):
+        AdaptiveAffinityLoss(reduction="avg")
+    with pytest.raises(ValueError, match="node_size .* 3 spatial dims"):
+        AdaptiveAffinityLoss(node_size=(2, 2))(torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 4, 4, 4))

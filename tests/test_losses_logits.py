@@ -57,3 +57,14 @@ def test_validation() -> None:
         LogitsDistillationLoss()(torch.randn(1, 2, 4, 4), torch.randn(1, 3, 4, 4))
     with pytest.raises(ValueError, match="at least 3 dims"):
         LogitsDistillationLoss()(torch.randn(2, 4), torch.randn(2, 4))
+
+
+def test_reduction_none_sum_mean() -> None:
+    z_s, z_t = torch.randn(3, 2, 6, 6), torch.randn(3, 2, 6, 6)
+    values = LogitsDistillationLoss(2.0, reduction="none")(z_s, z_t)
+    assert values.shape == (3,)
+    assert LogitsDistillationLoss(2.0)(z_s, z_t).item() == pytest.approx(values.mean().item(), rel=1e-6)
+    assert LogitsDistillationLoss(2.0, reduction="sum")(z_s, z_t).item() == pytest.approx(values.sum().item(), rel=1e-6)
+    assert values[0].item() == pytest.approx(LogitsDistillationLoss(2.0)(z_s[:1], z_t[:1]).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        LogitsDistillationLoss(reduction="batch")

@@ -27,8 +27,14 @@ def kd_reference(z_s: np.ndarray, z_t: np.ndarray, temperature: float) -> float:
     return temperature**2 * total / count
 
 
-def km_reference(f_s: np.ndarray, f_t: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
-    """mean_b ||G_s - G_t||_F² / C_t², G = F Fᵀ / N, student passed through y = W x + b per pixel."""
+def km_reference(
+    f_s: np.ndarray, f_t: np.ndarray, weight: np.ndarray, bias: np.ndarray, normalize: str = "none"
+) -> float:
+    """mean_b of the kernel-matrix loss, G = F Fᵀ / N, student passed through y = W x + b per pixel.
+
+    normalize: "none" -> ||G_s - G_t||_F² / C_t²; "frobenius" -> ||G_s/||G_s|| - G_t/||G_t|| ||_F²;
+    "row" -> mean over rows i of ||g_s,i/||g_s,i|| - g_t,i/||g_t,i|| ||².
+    """
     b = f_s.shape[0]
     c_t = f_t.shape[1]
     losses = []
@@ -42,17 +48,25 @@ def km_reference(f_s: np.ndarray, f_t: np.ndarray, weight: np.ndarray, bias: np.
             for q in range(c_t):
                 g_s[p, q] = np.dot(ys[p], ys[q]) / ys.shape[1]
                 g_t[p, q] = np.dot(xt[p], xt[q]) / xt.shape[1]
-        losses.append(((g_s - g_t) ** 2).sum() / c_t**2)
+        if normalize == "none":
+            losses.append(((g_s - g_t) ** 2).sum() / c_t**2)
+        elif normalize == "frobenius":
+            losses.append(((g_s / np.sqrt((g_s**2).sum()) - g_t / np.sqrt((g_t**2).sum())) ** 2).sum())
+        else:
+            rows = [((g_s[r] / np.linalg.norm(g_s[r]) - g_t[r] / np.linalg.norm(g_t[r])) ** 2).sum() for r in range(c_t)]
+            losses.append(float(np.mean(rows)))
     return float(np.mean(losses))
 
 
-def block_pool(x: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
-    """Average pooling of (C, *S) to (C, *size) in equal blocks (S must be multiples of size)."""
+def block_pool(x: np.ndarray, size: tuple[int, ...], mode: str = "avg") -> np.ndarray:
+    """Average (or max) pooling of (C, *S) to (C, *size) in equal blocks (S must be multiples of size)."""
     out = np.zeros((x.shape[0],) + tuple(size))
     factors = [s // g for s, g in zip(x.shape[1:], size)]
     for idx in itertools.product(*[range(g) for g in size]):
         sl = tuple(slice(i * f, (i + 1) * f) for i, f in zip(idx, factors))
-        out[(slice(None),) + idx] = x[(slice(None),) + sl].mean(axis=tuple(range(1, x.ndim)))
+        block = x[(slice(None),) + sl]
+        reduce = block.max if mode == "max" else block.mean
+        out[(slice(None),) + idx] = reduce(axis=tuple(range(1, x.ndim)))
     return out
 
 
@@ -63,16 +77,17 @@ def aa_reference(
     memberships: np.ndarray | None,
     w_intra: float = 1.0,
     w_inter: float = 1.0,
+    pool: str = "avg",
 ) -> float:
-    """Adaptive affinity loss over explicit pixel pairs.
+    """Adaptive affinity loss over explicit pixel pairs; features pooled by ``pool``, memberships averaged.
 
     memberships: (B, K, *S_p) soft memberships before pooling (one-hot label or teacher softmax), or None for
     uniform pair weights.
     """
     losses = []
     for b in range(f_s.shape[0]):
-        xs = block_pool(f_s[b], size).reshape(f_s.shape[1], -1).T
-        xt = block_pool(f_t[b], size).reshape(f_t.shape[1], -1).T
+        xs = block_pool(f_s[b], size, pool).reshape(f_s.shape[1], -1).T
+        xt = block_pool(f_t[b], size, pool).reshape(f_t.shape[1], -1).T
         xs = xs / np.linalg.norm(xs, axis=1, keepdims=True)
         xt = xt / np.linalg.norm(xt, axis=1, keepdims=True)
         n = xs.shape[0]
@@ -111,6 +126,21 @@ def softmax(z: np.ndarray) -> np.ndarray:
 def test_block_pool_averages_blocks() -> None:
     x = np.arange(16, dtype=float).reshape(1, 4, 4)
     np.testing.assert_allclose(block_pool(x, (2, 2))[0], [[2.5, 4.5], [10.5, 12.5]])
+
+
+def test_block_pool_max() -> None:
+    x = np.arange(16, dtype=float).reshape(1, 4, 4)
+    np.testing.assert_allclose(block_pool(x, (2, 2), "max")[0], [[5, 7], [13, 15]])
+
+
+def test_km_reference_known_values() -> None:
+    # one channel each: G is a 1x1 matrix, so both normalised forms are 0 whatever the scales; "none" is (gs-gt)²
+    f_s = np.array([1.0, 3.0]).reshape(1, 1, 1, 2)  # G_s = (1 + 9) / 2 = 5
+    f_t = np.array([2.0, 0.0]).reshape(1, 1, 1, 2)  # G_t = 4 / 2 = 2
+    w, b = np.eye(1), np.zeros(1)
+    assert abs(km_reference(f_s, f_t, w, b, "none") - 9.0) < 1e-12
+    assert abs(km_reference(f_s, f_t, w, b, "frobenius")) < 1e-12
+    assert abs(km_reference(f_s, f_t, w, b, "row")) < 1e-12
 
 
 def test_kd_reference_known_value() -> None:

@@ -8,9 +8,11 @@ from monai.losses import DiceCELoss
 
 from monai_relkd.losses import (
     AdaptiveAffinityLoss,
+    DistillationTerm,
     KernelMatrixLoss,
     LogitsDistillationLoss,
     RelationalDistillationLoss,
+    WeightedDistillationLoss,
 )
 
 KEYS = {"loss", "seg", "logits", "km", "aa"}
@@ -120,7 +122,7 @@ def test_validation() -> None:
         RelationalDistillationLoss(temperature=0)
     z_s, z_t, f_s, f_t, label = _batch()
     loss = RelationalDistillationLoss(lambda_km=1.0, student_channels=[4, 6], teacher_channels=[8, 12])
-    with pytest.raises(ValueError, match="same, non-zero number"):
+    with pytest.raises(ValueError, match="as many student as teacher features"):
         loss(z_s, z_t, f_s, f_t[:1], label)
     with pytest.raises(ValueError, match="built with 2"):
         loss(z_s, z_t, f_s[:1], f_t[:1], label)
@@ -178,3 +180,70 @@ def test_no_teacher_outputs_needed_when_every_lambda_is_zero():
     torch.testing.assert_close(out["loss"], out["seg"])
     with pytest.raises(ValueError, match="teacher_logits is None"):
         RelationalDistillationLoss(lambda_logits=1.0)(z_s, None, [], [], label)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_reduction_none_gives_per_sample_values_whose_mean_is_the_mean(dims) -> None:
+    z_s, z_t, f_s, f_t, label = _batch(dims, requires_grad=False)
+    kwargs = dict(lambda_logits=0.5, lambda_km=2.0, lambda_aa=3.0, student_channels=[4, 6],
+                  teacher_channels=[8, 12], aa_grid=4)
+    torch.manual_seed(3)
+    per_sample = RelationalDistillationLoss(reduction="none", **kwargs)
+    torch.manual_seed(3)
+    mean = RelationalDistillationLoss(**kwargs)
+    torch.manual_seed(3)
+    summed = RelationalDistillationLoss(reduction="sum", **kwargs)
+    values = per_sample(z_s, z_t, f_s, f_t, label)
+    ref, tot = mean(z_s, z_t, f_s, f_t, label), summed(z_s, z_t, f_s, f_t, label)
+    for key in KEYS:
+        assert values[key].shape == (2,), key
+        assert values[key].mean().item() == pytest.approx(ref[key].item(), rel=1e-5, abs=1e-7), key
+        assert values[key].sum().item() == pytest.approx(tot[key].item(), rel=1e-5, abs=1e-7), key
+    # sample 1 alone gives its own per-sample value
+    one = mean(z_s[1:], z_t[1:], [f[1:] for f in f_s], [f[1:] for f in f_t], label[1:])
+    assert values["loss"][1].item() == pytest.approx(one["loss"].item(), rel=1e-5)
+
+
+def test_weighted_sum_of_named_terms_and_weights() -> None:
+    z_s, z_t, f_s, f_t, label = _batch()
+    aa = AdaptiveAffinityLoss(grid=2, pool="max", pair_weights="uniform")
+    loss = WeightedDistillationLoss(
+        {
+            "kd": DistillationTerm(LogitsDistillationLoss(2.0), weight=0.5),
+            "skd": DistillationTerm(aa, weight=2.0, inputs=("student_features", "teacher_features"), pairs=[1]),
+            "off": DistillationTerm(LogitsDistillationLoss(1.0), weight=0.0),
+        }
+    )
+    assert loss.term_weights == {"seg": 1.0, "kd": 0.5, "skd": 2.0, "off": 0.0}
+    assert loss.teacher_required and loss.num_feature_pairs == 2
+    out = loss(z_s, z_t, f_s, f_t, label)
+    assert out["skd"].item() == pytest.approx(aa(f_s[1], f_t[1]).item(), rel=1e-6)
+    assert out["off"].item() == 0.0
+    expected = out["seg"] + 0.5 * out["kd"] + 2.0 * out["skd"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    seg_only = WeightedDistillationLoss({"off": DistillationTerm(LogitsDistillationLoss(), weight=0.0)})
+    assert not seg_only.teacher_required and seg_only.num_feature_pairs == 0
+
+
+def test_term_validation() -> None:
+    kd = DistillationTerm(LogitsDistillationLoss())
+    for bad in ("loss", "seg", "not an id", ""):
+        with pytest.raises(ValueError, match="term name"):
+            WeightedDistillationLoss({bad: kd})
+    with pytest.raises(ValueError, match="DistillationTerm"):
+        WeightedDistillationLoss({"kd": LogitsDistillationLoss()})
+    with pytest.raises(ValueError, match="unknown input"):
+        DistillationTerm(LogitsDistillationLoss(), inputs=("student_logits", "teacher_probs"))
+    with pytest.raises(ValueError, match="weight"):
+        DistillationTerm(LogitsDistillationLoss(), weight=-1.0)
+    with pytest.raises(ValueError, match="one loss per pair"):
+        DistillationTerm([KernelMatrixLoss(2, 2)], inputs=("student_features", "teacher_features"), pairs=[0, 1])
+    scalar = WeightedDistillationLoss({"kd": kd}, reduction="none")
+    z_s, z_t, f_s, f_t, label = _batch()
+    with pytest.raises(ValueError, match='reduction="none"'):
+        scalar(z_s, z_t, f_s, f_t, label)
+    far = WeightedDistillationLoss(
+        {"aa": DistillationTerm(AdaptiveAffinityLoss(), inputs=("student_features", "teacher_features"), pairs=[3])}
+    )
+    with pytest.raises(ValueError, match="need 4 pair"):
+        far(z_s, z_t, f_s, f_t, label)

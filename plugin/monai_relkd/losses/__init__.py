@@ -1,4 +1,5 @@
-"""Distillation losses (MONAI ``_Loss`` components): logits KD, kernel (Gram) matrix, adaptive affinity, total.
+"""Distillation losses (MONAI ``_Loss`` components): logits KD, kernel (Gram) matrix, adaptive affinity, and the
+total as a weighted sum of named terms.
 
 Bundle configs reference them by full dotted path, e.g. ``"_target_": "monai_relkd.losses.AdaptiveAffinityLoss"``;
 after ``import monai_relkd`` MONAI's component locator also resolves the short names.
@@ -7,6 +8,15 @@ after ``import monai_relkd`` MONAI's component locator also resolves the short n
 from .affinity import AdaptiveAffinityLoss
 from .kernel import KernelMatrixLoss
 from .logits import LogitsDistillationLoss
-from .total import RelationalDistillationLoss
+from .total import RelationalDistillationLoss, build_distillation_loss
+from .weighted import DistillationTerm, WeightedDistillationLoss
 
-__all__ = ["LogitsDistillationLoss", "KernelMatrixLoss", "AdaptiveAffinityLoss", "RelationalDistillationLoss"]
+__all__ = [
+    "LogitsDistillationLoss",
+    "KernelMatrixLoss",
+    "AdaptiveAffinityLoss",
+    "DistillationTerm",
+    "WeightedDistillationLoss",
+    "RelationalDistillationLoss",
+    "build_distillation_loss",
+]

@@ -8,24 +8,43 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from ._reduction import check_reduction, reduce_per_sample
 from .logits import _compute_dtype, _no_autocast
 
 __all__ = ["AdaptiveAffinityLoss"]
 
 _PAIR_WEIGHTS = ("label", "teacher", "uniform")
+_POOLS = ("avg", "max")
 # a weighted mean whose total pair weight is below this fraction of all N² pairs is dropped (set to 0):
 # it would be a ratio of rounding noise (e.g. the inter-class mean of an image with a single class).
 _MIN_WEIGHT_FRACTION = 1e-6
 
 
-def _adaptive_avg_pool(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Adaptive average pooling of (B, C, *S) to ``size`` for 1, 2 or 3 spatial dims (no-op when equal)."""
+def _adaptive_pool(x: torch.Tensor, size: tuple[int, ...], mode: str = "avg") -> torch.Tensor:
+    """Adaptive average or max pooling of (B, C, *S) to ``size`` for 1, 2 or 3 spatial dims (no-op when equal)."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
-    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
+    if mode == "max":
+        pool = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}[len(size)]
+    else:
+        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
     return pool(x, size)
+
+
+def _positive_sizes(name: str, value: int | Sequence[int] | None) -> int | tuple[int, ...] | None:
+    """None, a positive int, or a non-empty tuple of positive ints; a clear error otherwise."""
+    if value is None:
+        return None
+    message = f"{name} must be None, a positive int or a sequence of positive ints, got {value!r}."
+    if not isinstance(value, (int, Sequence)) or isinstance(value, str):
+        raise ValueError(message)
+    sizes = (value,) if isinstance(value, int) else tuple(value)
+    if not sizes or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in sizes):
+        raise ValueError(message)
+    return sizes[0] if isinstance(value, int) else sizes
 
 
 class AdaptiveAffinityLoss(_Loss):
@@ -33,9 +52,18 @@ class AdaptiveAffinityLoss(_Loss):
     Adaptive affinity distillation: match the student's pixel-to-pixel affinity matrix to the teacher's, with
     class-balanced pair weights.
 
-    Both feature maps are resampled by adaptive average pooling to a common grid of N pixels (the element-wise
-    smaller of the two spatial sizes, or ``grid``), each pixel's feature vector is L2-normalised, and the
-    affinity of pixels i, j is ``A_ij = f_i · f_j`` (cosine similarity). With soft class memberships ``p_i``
+    Both feature maps are pooled (adaptive average or max pooling, ``pool``) to a common grid of N nodes, each
+    node's feature vector is L2-normalised, and the affinity of nodes i, j is ``A_ij = f_i · f_j`` (cosine
+    similarity). The grid is, per spatial dim:
+
+        - ``grid`` given: that many nodes, whatever the input size (the bundles' default: N does not change
+          with the image size);
+        - ``node_size`` given: nodes of that many pixels of the smaller map, ``ceil(min(S_s, S_t) / node_size)``
+          nodes (CIRKD: ``node_size=2, pool="max"``);
+        - neither: every pixel of the smaller map is a node.
+
+    Structured KD (Liu et al., CVPR 2019) is ``grid=2, pool="max", pair_weights="uniform"``: each node is a
+    max-pooled half of the map side, 2×2 nodes. With soft class memberships ``p_i``
     (K classes, rows summing to 1) at grid resolution, a pair's intra-class weight is
     ``w_ij = Σ_k p_ik p_jk`` and its inter-class weight is ``1 − w_ij``; per sample
 
@@ -69,7 +97,10 @@ class AdaptiveAffinityLoss(_Loss):
         - ``teacher_features``: (B, C_t, *S_t), same B and number of spatial dims; sizes and channels may differ.
         - ``label``: (B, 1, *S_l) integer class indices (int or float dtype), any spatial size; "label" mode.
         - ``teacher_logits``: (B, K, *S_z), any spatial size; "teacher" mode.
-        - output: scalar tensor.
+        - output: scalar for ``reduction="mean"``/``"sum"``, (B,) per-sample values for ``"none"``.
+
+    The class memberships are always average-pooled to the grid (soft memberships), whatever ``pool`` is.
+    The loss is invariant to a positive rescaling of either feature map (cosine affinities).
 
     Example::
 
@@ -91,30 +122,36 @@ class AdaptiveAffinityLoss(_Loss):
         w_inter: float = 1.0,
         num_classes: int = 2,
         naive: bool = False,
+        node_size: int | Sequence[int] | None = None,
+        pool: str = "avg",
+        reduction: LossReduction | str = LossReduction.MEAN,
     ) -> None:
         """
         Args:
-            grid: common grid size: an int (the same for every spatial dim), a sequence with one size per spatial
-                dim, or None for the element-wise smaller of the student's and teacher's spatial sizes.
-                Pooling to a grid larger than a feature map repeats its pixels.
+            grid: number of nodes per spatial dim: an int (the same for every spatial dim), a sequence with one
+                size per spatial dim, or None (see ``node_size``). Pooling to a grid larger than a feature map
+                repeats its pixels.
             pair_weights: ``"label"``, ``"teacher"`` or ``"uniform"`` (see above).
             w_intra: weight (>= 0) of the intra-class mean.
             w_inter: weight (>= 0) of the inter-class mean.
             num_classes: number of classes in ``label`` ("label" mode), >= 1.
             naive: materialise the N×N affinity matrices (reference implementation, O(N²) memory).
+            node_size: node side in pixels of the smaller map (an int or one per spatial dim); exclusive with
+                ``grid``. None: one node per pixel when ``grid`` is None too.
+            pool: ``"avg"`` (default) or ``"max"``: how the features are pooled into nodes.
+            reduction: ``"mean"`` (default) or ``"sum"`` over the batch, or ``"none"`` for per-sample values (B,).
 
         Raises:
-            ValueError: when an argument is out of range.
+            ValueError: when an argument is out of range, or both ``grid`` and ``node_size`` are given.
         """
-        super().__init__()
-        if grid is not None:
-            if not isinstance(grid, (int, Sequence)) or isinstance(grid, str):
-                raise ValueError(f"grid must be None, a positive int or a sequence of positive ints, got {grid!r}.")
-            sizes = (grid,) if isinstance(grid, int) else tuple(grid)
-            if not sizes or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in sizes):
-                raise ValueError(f"grid must be None, a positive int or a sequence of positive ints, got {grid!r}.")
-            grid = sizes[0] if isinstance(grid, int) else sizes
-        self.grid = grid
+        super().__init__(reduction=check_reduction(reduction))
+        self.grid = _positive_sizes("grid", grid)
+        self.node_size = _positive_sizes("node_size", node_size)
+        if self.grid is not None and self.node_size is not None:
+            raise ValueError(f"give grid or node_size, not both (got grid={grid!r}, node_size={node_size!r}).")
+        if pool not in _POOLS:
+            raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}.")
+        self.pool = pool
         if pair_weights not in _PAIR_WEIGHTS:
             raise ValueError(f"pair_weights must be one of {_PAIR_WEIGHTS}, got {pair_weights!r}.")
         self.pair_weights = pair_weights
@@ -132,20 +169,25 @@ class AdaptiveAffinityLoss(_Loss):
     def grid_size(self, student_size: Sequence[int], teacher_size: Sequence[int]) -> tuple[int, ...]:
         """The common grid for the given spatial sizes of the student and teacher feature maps."""
         nd = len(student_size)
-        if self.grid is None:
-            return tuple(min(s, t) for s, t in zip(student_size, teacher_size))
-        if isinstance(self.grid, int):
-            return (self.grid,) * nd
-        if len(self.grid) != nd:
-            raise ValueError(
-                f"grid {tuple(self.grid)} has {len(self.grid)} sizes but the features have {nd} spatial dims."
-            )
-        return tuple(self.grid)
+        smaller = tuple(min(s, t) for s, t in zip(student_size, teacher_size))
+        if self.grid is not None:
+            return self._per_dim("grid", self.grid, nd)
+        if self.node_size is not None:
+            nodes = self._per_dim("node_size", self.node_size, nd)
+            return tuple(math.ceil(s / n) for s, n in zip(smaller, nodes))
+        return smaller
 
     @staticmethod
-    def _embed(features: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-        """Pool to ``size``, L2-normalise each pixel's vector: (B, N, C)."""
-        x = F.normalize(_adaptive_avg_pool(features, size), p=2.0, dim=1)
+    def _per_dim(name: str, sizes: int | tuple[int, ...], nd: int) -> tuple[int, ...]:
+        if isinstance(sizes, int):
+            return (sizes,) * nd
+        if len(sizes) != nd:
+            raise ValueError(f"{name} {tuple(sizes)} has {len(sizes)} sizes but the features have {nd} spatial dims.")
+        return tuple(sizes)
+
+    def _embed(self, features: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        """Pool to ``size`` (``pool`` mode), L2-normalise each node's vector: (B, N, C)."""
+        x = F.normalize(_adaptive_pool(features, size, self.pool), p=2.0, dim=1)
         return x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
 
     def _memberships(
@@ -185,7 +227,7 @@ class AdaptiveAffinityLoss(_Loss):
                     f"got {tuple(teacher_logits.shape)}."
                 )
             probs = torch.softmax(teacher_logits.detach().to(dtype), dim=1)
-        probs = _adaptive_avg_pool(probs, size)
+        probs = _adaptive_pool(probs, size, "avg")
         return probs.reshape(batch, probs.shape[1], -1).transpose(1, 2)
 
     @staticmethod
@@ -271,4 +313,4 @@ class AdaptiveAffinityLoss(_Loss):
                 intra = torch.where(w_intra > min_w, s_intra / w_intra.clamp_min(min_w), torch.zeros_like(s_intra))
                 inter = torch.where(w_inter > min_w, s_inter / w_inter.clamp_min(min_w), torch.zeros_like(s_inter))
                 per_sample = self.w_intra * intra.clamp_min(0.0) + self.w_inter * inter.clamp_min(0.0)
-            return per_sample.mean()
+            return reduce_per_sample(per_sample, self.reduction)

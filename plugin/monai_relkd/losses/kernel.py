@@ -1,5 +1,5 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
-"""Kernel (Gram) matrix distillation with a learnable 1x1 connector on the student features."""
+"""Kernel (Gram) matrix distillation with a learnable 1x1 connector on the student features; scale-free by default."""
 
 from __future__ import annotations
 
@@ -7,11 +7,18 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from ._reduction import check_reduction, reduce_per_sample
 from .logits import _compute_dtype, _no_autocast
 
-__all__ = ["KernelMatrixLoss"]
+__all__ = ["KernelMatrixLoss", "GRAM_NORMALIZATIONS"]
+
+#: ``normalize`` choices: unit Frobenius norm (default), ICKD row-normalised, none (the original, scale-dependent)
+GRAM_NORMALIZATIONS = ("frobenius", "row", "none")
+_CONNECTOR_NORMS = ("none", "batch")
 
 
 def _check_positive_int(name: str, value: int) -> int:
@@ -25,28 +32,34 @@ class KernelMatrixLoss(_Loss):
     Kernel matrix (channel Gram / style matrix) distillation.
 
     Per sample, the feature map is flattened to ``F ∈ R^{C×N}`` (N pixels) and its Gram matrix is
-    ``G = F Fᵀ / N`` (C×C). The student features first pass a learnable 1×1 connector (channel mixing
-    ``C_s -> C_t``: ``y = W x + b`` at every pixel) so both Gram matrices are ``C_t × C_t``:
+    ``G = F Fᵀ / N`` (C×C). The student features first pass a learnable 1×1 connector ``g`` (channel mixing
+    ``C_s -> C_t``: ``y = W x + b`` at every pixel, optionally followed by BatchNorm as in ICKD) so both Gram
+    matrices are ``C_t × C_t``. Each Gram matrix is then normalised (``normalize``):
 
-    .. math::
+    - ``"frobenius"`` (default): ``Ĝ = G / max(‖G‖_F, ε)`` and, per sample, ``L_b = ‖Ĝ_s − Ĝ_t‖²_F ∈ [0, 4]``;
+    - ``"row"`` (ICKD, Liu et al. ICCV 2021): every row of ``G`` is L2-normalised,
+      ``L_b = (1/C_t) Σ_i ‖ĝ_s,i − ĝ_t,i‖² ∈ [0, 4]``;
+    - ``"none"``: the unnormalised form ``L_b = ‖G_s − G_t‖²_F / C_t²`` (for comparison only: it grows with the
+      4th power of the feature scale, so its size depends on how large either network's activations happen to be).
 
-        L = \\frac{1}{B} \\sum_b \\frac{\\| G_s^{(b)} - G_t^{(b)} \\|_F^2}{C_t^2}
-
-    The Gram matrix does not depend on the spatial size, so student and teacher taps may differ in
-    resolution (and in the number of spatial dims' sizes, not in the number of spatial dims).
+    With ``"frobenius"`` and ``"row"`` the loss is invariant to a positive rescaling of either feature map, and
+    (like ``G`` itself) to the spatial resolution: a map upsampled by nearest neighbour has the same Gram matrix,
+    so student and teacher taps may differ in resolution (not in the number of spatial dims).
 
     The connector is the module's own ``nn.Parameter`` pair ``connector_weight`` (C_t, C_s) and
-    ``connector_bias`` (C_t,), applied with ``einsum`` so the same module serves 2-D and 3-D features; it
-    is returned by ``loss.parameters()`` and must be given to the optimizer together with the student.
-    When ``student_channels == teacher_channels`` it is initialised to the identity (W = I, b = 0), so equal
-    features give exactly zero at initialisation; otherwise it is initialised like ``nn.Conv2d`` with a 1×1
-    kernel (Kaiming-uniform). The teacher features are a fixed target: they are detached. The Gram matrices
-    and the reduction are computed in float32 (float64 for float64 inputs), also under ``torch.autocast``.
+    ``connector_bias`` (C_t,), applied with ``einsum`` so the same module serves 2-D and 3-D features (plus a
+    ``BatchNorm1d`` over the flattened pixels when ``connector_norm="batch"``); it is returned by
+    ``loss.parameters()`` and must be given to the optimizer together with the student. When
+    ``student_channels == teacher_channels`` it is initialised to the identity (W = I, b = 0), so equal features
+    give exactly zero at initialisation (with ``connector_norm="none"``); otherwise it is initialised like
+    ``nn.Conv2d`` with a 1×1 kernel (Kaiming-uniform). The teacher features are a fixed target: they are detached.
+    The Gram matrices and the reduction are computed in float32 (float64 for float64 inputs), also under
+    ``torch.autocast``.
 
     Shapes:
         - ``student_features``: (B, C_s, *S_s), S_s = (H, W) or (D, H, W).
         - ``teacher_features``: (B, C_t, *S_t), same B and number of spatial dims; S_t may differ from S_s.
-        - output: scalar tensor.
+        - output: scalar for ``reduction="mean"``/``"sum"``, (B,) per-sample values for ``"none"``.
 
     Example::
 
@@ -55,24 +68,47 @@ class KernelMatrixLoss(_Loss):
         >>> loss = KernelMatrixLoss(student_channels=16, teacher_channels=64)
         >>> f_s = torch.randn(2, 16, 32, 32, requires_grad=True)
         >>> f_t = torch.randn(2, 64, 16, 16)
-        >>> value = loss(f_s, f_t)
+        >>> value = loss(f_s, f_t)  # in [0, 4]; the same for 1000 * f_t
         >>> value.backward()  # gradients reach f_s and loss.connector_weight / loss.connector_bias
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        normalize: str = "frobenius",
+        connector_norm: str | None = None,
+        eps: float = 1e-12,
+        reduction: LossReduction | str = LossReduction.MEAN,
+    ) -> None:
         """
         Args:
             student_channels: number of channels ``C_s`` of the student feature map.
             teacher_channels: number of channels ``C_t`` of the teacher feature map.
+            normalize: ``"frobenius"`` (default), ``"row"`` or ``"none"``: how each Gram matrix is normalised.
+            connector_norm: ``None``/``"none"`` (default) or ``"batch"``: a BatchNorm after the 1×1 connector.
+            eps: lower bound of the norms divided by (guards all-zero features).
+            reduction: ``"mean"`` (default) or ``"sum"`` over the batch, or ``"none"`` for per-sample values (B,).
 
         Raises:
-            ValueError: when a channel count is not a positive int.
+            ValueError: when a channel count is not a positive int, or an option is not one of its choices.
         """
-        super().__init__()
+        super().__init__(reduction=check_reduction(reduction))
         self.student_channels = _check_positive_int("student_channels", student_channels)
         self.teacher_channels = _check_positive_int("teacher_channels", teacher_channels)
+        if normalize not in GRAM_NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {GRAM_NORMALIZATIONS}, got {normalize!r}.")
+        self.normalize = normalize
+        connector_norm = "none" if connector_norm is None else connector_norm
+        if connector_norm not in _CONNECTOR_NORMS:
+            raise ValueError(f"connector_norm must be None or one of {_CONNECTOR_NORMS}, got {connector_norm!r}.")
+        self.connector_norm = connector_norm
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a number > 0, got {eps!r}.")
+        self.eps = float(eps)
         self.connector_weight = nn.Parameter(torch.empty(teacher_channels, student_channels))
         self.connector_bias = nn.Parameter(torch.empty(teacher_channels))
+        self.connector_bn = nn.BatchNorm1d(teacher_channels) if connector_norm == "batch" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -85,20 +121,76 @@ class KernelMatrixLoss(_Loss):
                 nn.init.kaiming_uniform_(self.connector_weight, a=math.sqrt(5))
                 bound = 1.0 / math.sqrt(self.student_channels)
                 nn.init.uniform_(self.connector_bias, -bound, bound)
+        if self.connector_bn is not None:
+            self.connector_bn.reset_parameters()
 
     def connector(self, student_features: torch.Tensor) -> torch.Tensor:
-        """Apply the 1×1 connector: (B, C_s, *S) -> (B, C_t, *S), in the dtype of the input."""
+        """Apply the 1×1 connector (and its BatchNorm): (B, C_s, *S) -> (B, C_t, *S), in the input's dtype."""
         w = self.connector_weight.to(student_features.dtype)
         b = self.connector_bias.to(student_features.dtype)
         y = torch.einsum("oc,bc...->bo...", w, student_features)
         # contiguous: the Gram matmul then sees the same memory layout as for the teacher (bit-equal results)
-        return (y + b.view(1, -1, *([1] * (student_features.ndim - 2)))).contiguous()
+        y = (y + b.view(1, -1, *([1] * (student_features.ndim - 2)))).contiguous()
+        if self.connector_bn is None:
+            return y
+        return self._batch_norm(y.reshape(y.shape[0], y.shape[1], -1)).reshape(y.shape)
+
+    def _batch_norm(self, flat: torch.Tensor) -> torch.Tensor:
+        """The connector's BatchNorm on (B, C_t, N) in the dtype of ``flat`` (the module's own dtype is kept)."""
+        bn = self.connector_bn
+        if flat.dtype == bn.weight.dtype:
+            return bn(flat)
+        mean, var = bn.running_mean.to(flat.dtype), bn.running_var.to(flat.dtype)
+        out = F.batch_norm(
+            flat, mean, var, bn.weight.to(flat.dtype), bn.bias.to(flat.dtype), bn.training, bn.momentum, bn.eps
+        )
+        if bn.training:  # F.batch_norm updated the float64 copies of the running statistics
+            with torch.no_grad():
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.add_(1)
+        return out
 
     @staticmethod
     def gram(features: torch.Tensor) -> torch.Tensor:
         """Per-sample Gram matrix ``F Fᵀ / N`` of (B, C, *S) features: (B, C, C)."""
         flat = features.reshape(features.shape[0], features.shape[1], -1)
         return torch.matmul(flat, flat.transpose(1, 2)) / flat.shape[-1]
+
+    def normalized_gram(self, features: torch.Tensor) -> torch.Tensor:
+        """The Gram matrix of (B, C, *S) features, normalised as ``normalize`` says: (B, C, C)."""
+        g = self.gram(features)
+        if self.normalize == "frobenius":
+            norm = g.flatten(1).norm(dim=1).clamp_min(self.eps)
+            return g / norm.view(-1, 1, 1)
+        if self.normalize == "row":
+            return F.normalize(g, p=2.0, dim=2, eps=self.eps)
+        return g
+
+    def _check_inputs(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> None:
+        s, t = student_features, teacher_features
+        if s.ndim < 3 or t.ndim < 3:
+            raise ValueError(
+                "features must be (B, C, *S) with at least 3 dims, got student "
+                f"{tuple(s.shape)} and teacher {tuple(t.shape)}."
+            )
+        if s.ndim != t.ndim:
+            raise ValueError(
+                f"student and teacher features must have the same number of dims, got student "
+                f"{tuple(s.shape)} and teacher {tuple(t.shape)}."
+            )
+        if s.shape[0] != t.shape[0]:
+            raise ValueError(f"batch sizes differ: student {s.shape[0]}, teacher {t.shape[0]}.")
+        if s.shape[1] != self.student_channels:
+            raise ValueError(
+                f"student_features: expected {self.student_channels} channels, got {s.shape[1]} "
+                f"(shape {tuple(s.shape)})."
+            )
+        if t.shape[1] != self.teacher_channels:
+            raise ValueError(
+                f"teacher_features: expected {self.teacher_channels} channels, got {t.shape[1]} "
+                f"(shape {tuple(t.shape)})."
+            )
 
     def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
         """
@@ -110,34 +202,14 @@ class KernelMatrixLoss(_Loss):
             ValueError: when a channel count differs from the one given at construction, or the batch sizes
                 or numbers of spatial dims differ.
         """
-        if student_features.ndim < 3 or teacher_features.ndim < 3:
-            raise ValueError(
-                "features must be (B, C, *S) with at least 3 dims, got student "
-                f"{tuple(student_features.shape)} and teacher {tuple(teacher_features.shape)}."
-            )
-        if student_features.ndim != teacher_features.ndim:
-            raise ValueError(
-                f"student and teacher features must have the same number of dims, got student "
-                f"{tuple(student_features.shape)} and teacher {tuple(teacher_features.shape)}."
-            )
-        if student_features.shape[0] != teacher_features.shape[0]:
-            raise ValueError(
-                f"batch sizes differ: student {student_features.shape[0]}, teacher {teacher_features.shape[0]}."
-            )
-        if student_features.shape[1] != self.student_channels:
-            raise ValueError(
-                f"student_features: expected {self.student_channels} channels, got {student_features.shape[1]} "
-                f"(shape {tuple(student_features.shape)})."
-            )
-        if teacher_features.shape[1] != self.teacher_channels:
-            raise ValueError(
-                f"teacher_features: expected {self.teacher_channels} channels, got {teacher_features.shape[1]} "
-                f"(shape {tuple(teacher_features.shape)})."
-            )
+        self._check_inputs(student_features, teacher_features)
         dtype = _compute_dtype(student_features, teacher_features)
         with _no_autocast(student_features.device):
-            projected = self.connector(student_features.to(dtype))
-            g_s = self.gram(projected)
-            g_t = self.gram(teacher_features.detach().to(dtype))
-            per_sample = (g_s - g_t).pow(2).sum(dim=(1, 2)) / float(self.teacher_channels**2)
-            return per_sample.mean()
+            g_s = self.normalized_gram(self.connector(student_features.to(dtype)))
+            g_t = self.normalized_gram(teacher_features.detach().to(dtype))
+            per_sample = (g_s - g_t).pow(2).sum(dim=(1, 2))
+            if self.normalize == "none":
+                per_sample = per_sample / float(self.teacher_channels**2)
+            elif self.normalize == "row":
+                per_sample = per_sample / float(self.teacher_channels)
+            return reduce_per_sample(per_sample, self.reduction)

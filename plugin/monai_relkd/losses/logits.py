@@ -8,7 +8,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
+
+from ._reduction import check_reduction, reduce_per_sample
 
 __all__ = ["LogitsDistillationLoss"]
 
@@ -38,15 +41,15 @@ class LogitsDistillationLoss(_Loss):
         L = T^2 \\cdot \\frac{1}{B \\cdot |S|} \\sum_{b, x} \\mathrm{KL}\\big(\\mathrm{softmax}(z_t/T) \\,\\|\\,
         \\mathrm{softmax}(z_s/T)\\big)
 
-    The KL divergence sums over the K classes at each pixel; the result is averaged over the batch and all
-    pixels, so it does not grow with the image size. The factor ``T²`` keeps the gradient scale independent
+    The KL divergence sums over the K classes at each pixel; per sample it is averaged over all pixels, so it does
+    not grow with the image size, and ``reduction`` combines the samples (``"mean"``: the formula above). The factor ``T²`` keeps the gradient scale independent
     of the temperature. The teacher logits are a fixed target: they are detached. The computation runs in
     float32 (float64 if an input is float64), also under ``torch.autocast``.
 
     Shapes:
         - ``student_logits``: (B, K, *S) with S one spatial size (H, W) or (D, H, W).
         - ``teacher_logits``: (B, K, *S), the same shape.
-        - output: scalar tensor.
+        - output: scalar for ``reduction="mean"``/``"sum"``, (B,) per-sample values for ``"none"``.
 
     Example::
 
@@ -59,15 +62,16 @@ class LogitsDistillationLoss(_Loss):
         >>> value.backward()
     """
 
-    def __init__(self, temperature: float = 4.0) -> None:
+    def __init__(self, temperature: float = 4.0, reduction: LossReduction | str = LossReduction.MEAN) -> None:
         """
         Args:
             temperature: softmax temperature ``T`` (> 0). Defaults to 4.
+            reduction: ``"mean"`` (default) or ``"sum"`` over the batch, or ``"none"`` for per-sample values (B,).
 
         Raises:
-            ValueError: when ``temperature`` is not a finite positive number.
+            ValueError: when ``temperature`` is not a finite positive number or ``reduction`` is unknown.
         """
-        super().__init__()
+        super().__init__(reduction=check_reduction(reduction))
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
         if not math.isfinite(temperature) or temperature <= 0:
@@ -97,6 +101,7 @@ class LogitsDistillationLoss(_Loss):
         with _no_autocast(student_logits.device):
             log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=1)
             log_p_t = F.log_softmax(teacher_logits.detach().to(dtype) / t, dim=1)
-            # KL(p_t || p_s) = sum_k p_t (log p_t - log p_s); summed over classes, mean over batch and pixels
+            # KL(p_t || p_s) = sum_k p_t (log p_t - log p_s); summed over classes, mean over pixels per sample
             kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
-            return kl.mean() * (t * t)
+            per_sample = kl.reshape(kl.shape[0], -1).mean(dim=1) * (t * t)
+            return reduce_per_sample(per_sample, self.reduction)

@@ -1,54 +1,62 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
-"""The total distillation objective L = L_seg + λ1·L_logits + λ2·L_KM + λ3·L_AA, each term logged on its own."""
+"""The relation-based distillation objective L = L_seg + λ1·L_logits + λ2·L_KM + λ3·L_AA, and its builder from a
+bundle's ``distillation`` section."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
-from monai.losses import DiceCELoss
-from torch.nn.modules.loss import _Loss
+from monai.utils import LossReduction
 
 from .affinity import AdaptiveAffinityLoss
 from .kernel import KernelMatrixLoss
 from .logits import LogitsDistillationLoss
+from .weighted import DistillationTerm, WeightedDistillationLoss, check_weight
 
-__all__ = ["RelationalDistillationLoss"]
+__all__ = ["RelationalDistillationLoss", "build_distillation_loss"]
 
-TERMS = ("loss", "seg", "logits", "km", "aa")
+#: the terms of the paper's combination, always reported (0 when their λ is 0)
+RELATIONAL_TERMS = ("logits", "km", "aa")
+_FEATURES = ("student_features", "teacher_features")
 
 
-class RelationalDistillationLoss(_Loss):
+class RelationalDistillationLoss(WeightedDistillationLoss):
     """
-    Total loss of relation-based distillation:
+    Total loss of relation-based distillation, the ready-made combination of the paper as a
+    :class:`WeightedDistillationLoss`:
 
     .. math::
 
-        L = L_{seg} + \\lambda_1 L_{logits} + \\lambda_2 L_{KM} + \\lambda_3 L_{AA}
+        L = L_{seg} + \\lambda_1 L_{logits} + \\lambda_2 L_{KM} + \\lambda_3 L_{AA} + \\sum_k \\lambda_k L_k
 
     - ``L_seg``: ``seg_loss(student_logits, label)``, by default MONAI ``DiceCELoss(to_onehot_y=True,
       softmax=True)``;
     - ``L_logits``: :class:`LogitsDistillationLoss` with ``temperature``;
-    - ``L_KM``: mean over feature pairs of :class:`KernelMatrixLoss`, one per pair (its connector parameters
-      are parameters of this module: give ``loss.parameters()`` to the optimizer with the student's);
-    - ``L_AA``: mean over feature pairs of :class:`AdaptiveAffinityLoss` (``aa_grid``, ``pair_weights``,
-      ``w_intra``, ``w_inter``, ``num_classes``).
+    - ``L_KM``: mean over feature pairs of :class:`KernelMatrixLoss` (``km_normalize``, ``km_connector_norm``),
+      one per pair (its connector parameters are parameters of this module: give ``loss.parameters()`` to the
+      optimizer with the student's);
+    - ``L_AA``: mean over feature pairs of :class:`AdaptiveAffinityLoss` (``aa_grid``, ``aa_node_size``,
+      ``aa_pool``, ``pair_weights``, ``w_intra``, ``w_inter``, ``num_classes``);
+    - ``extra_terms``: further named :class:`DistillationTerm` s (e.g. the generalizable-distillation losses).
 
     Feature pair i is student tap i with teacher tap i. A λ of 0 switches its term off: the term is not
-    computed (it is reported as a zero tensor) and, for ``lambda_km == 0``, no connector is built. With
-    ``lambda_km = lambda_aa = 0`` this is plain Hinton KD; with uniform pair weights and ``aa_grid=2`` the
-    affinity term is the pair-wise loss of structured KD. Teacher logits and features are detached.
+    computed (it is reported as 0) and, for ``lambda_km == 0``, no connector is built. With
+    ``lambda_km = lambda_aa = 0`` this is plain Hinton KD; with ``pair_weights="uniform"``, ``aa_grid=2`` and
+    ``aa_pool="max"`` the affinity term is the pair-wise loss of structured KD. Teacher logits and features are
+    detached. Every term is invariant to the scale of either network's features (``km_normalize="none"`` is not).
 
     The forward returns a dict with the keys ``"loss"`` (the weighted total, to back-propagate) and ``"seg"``,
-    ``"logits"``, ``"km"``, ``"aa"`` (the unweighted terms, for logging).
+    ``"logits"``, ``"km"``, ``"aa"`` (and each extra term's name): the unweighted terms, for logging.
 
     Shapes:
         - ``student_logits``, ``teacher_logits``: (B, K, *S), S = (H, W) or (D, H, W).
         - ``student_features[i]``: (B, student_channels[i], *S_i); ``teacher_features[i]``:
           (B, teacher_channels[i], *S'_i).
         - ``label``: (B, 1, *S) class indices (int or float dtype).
+        - outputs: scalars for ``reduction="mean"``/``"sum"``, (B,) per-sample values for ``"none"``.
 
     Example::
 
@@ -77,6 +85,12 @@ class RelationalDistillationLoss(_Loss):
         w_inter: float = 1.0,
         num_classes: int = 2,
         seg_loss: nn.Module | None = None,
+        km_normalize: str = "frobenius",
+        km_connector_norm: str | None = None,
+        aa_node_size: int | Sequence[int] | None = None,
+        aa_pool: str = "avg",
+        extra_terms: Mapping[str, DistillationTerm] | None = None,
+        reduction: LossReduction | str = LossReduction.MEAN,
     ) -> None:
         """
         Args:
@@ -86,47 +100,66 @@ class RelationalDistillationLoss(_Loss):
             temperature: temperature of the logits term.
             student_channels: channels of each student tap (needed when ``lambda_km > 0``).
             teacher_channels: channels of each teacher tap, same length (needed when ``lambda_km > 0``).
-            aa_grid: ``grid`` of the affinity term (None: the smaller of the two sizes of each pair).
+            aa_grid: ``grid`` (nodes per spatial dim) of the affinity term.
             pair_weights: ``"label"``, ``"teacher"`` or ``"uniform"`` pair weights of the affinity term.
             w_intra: weight of the intra-class mean of the affinity term.
             w_inter: weight of the inter-class mean of the affinity term.
             num_classes: number of label classes (affinity term, ``"label"`` pair weights).
             seg_loss: supervised loss ``seg_loss(student_logits, label)``; default
                 ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+            km_normalize: ``normalize`` of the kernel matrix term: ``"frobenius"``, ``"row"`` or ``"none"``.
+            km_connector_norm: ``connector_norm`` of the kernel matrix term: None or ``"batch"``.
+            aa_node_size: ``node_size`` (pixels per node) of the affinity term; exclusive with ``aa_grid``.
+            aa_pool: ``pool`` of the affinity term: ``"avg"`` or ``"max"``.
+            extra_terms: ``{name: DistillationTerm}`` added to the sum.
+            reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample values), for every term.
 
         Raises:
             ValueError: for a negative or non-finite λ, or channel lists that are missing or of different
                 lengths while ``lambda_km > 0``; and the sub-losses' own argument errors.
         """
-        super().__init__()
-        for name, lam in (("lambda_logits", lambda_logits), ("lambda_km", lambda_km), ("lambda_aa", lambda_aa)):
-            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {lam!r}.")
-        self.lambda_logits = float(lambda_logits)
-        self.lambda_km = float(lambda_km)
-        self.lambda_aa = float(lambda_aa)
-        if seg_loss is not None and not callable(seg_loss):
-            raise ValueError(f"seg_loss must be None or a callable module, got {type(seg_loss).__name__}.")
-        self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True) if seg_loss is None else seg_loss
-        self.logits_loss = LogitsDistillationLoss(temperature=temperature)
+        super().__init__(seg_loss=seg_loss, reduction=reduction)
+        self.lambda_logits = check_weight("lambda_logits", lambda_logits)
+        self.lambda_km = check_weight("lambda_km", lambda_km)
+        self.lambda_aa = check_weight("lambda_aa", lambda_aa)
+        self.student_channels, self.teacher_channels = tuple(student_channels or ()), tuple(teacher_channels or ())
+        # built whatever the λ: their arguments are validated, and they hold no parameters
+        self.logits_loss = LogitsDistillationLoss(temperature=temperature, reduction=reduction)
         self.aa_loss = AdaptiveAffinityLoss(
-            grid=aa_grid, pair_weights=pair_weights, w_intra=w_intra, w_inter=w_inter, num_classes=num_classes
+            grid=aa_grid, node_size=aa_node_size, pool=aa_pool, pair_weights=pair_weights, w_intra=w_intra,
+            w_inter=w_inter, num_classes=num_classes, reduction=reduction,
         )
-        student_channels, teacher_channels = list(student_channels or ()), list(teacher_channels or ())
-        self.student_channels, self.teacher_channels = tuple(student_channels), tuple(teacher_channels)
-        self.km_losses = nn.ModuleList()
+        if self.lambda_logits > 0:
+            self.add_term("logits", DistillationTerm(self.logits_loss, self.lambda_logits))
         if self.lambda_km > 0:
-            if not student_channels or len(student_channels) != len(teacher_channels):
-                raise ValueError(
-                    "lambda_km > 0 needs student_channels and teacher_channels with one entry per feature pair "
-                    f"and the same length, got student_channels={student_channels}, "
-                    f"teacher_channels={teacher_channels}."
-                )
-            for c_s, c_t in zip(student_channels, teacher_channels):
-                self.km_losses.append(KernelMatrixLoss(c_s, c_t))
+            self.add_term("km", self._km_term(km_normalize, km_connector_norm, reduction))
+        if self.lambda_aa > 0:
+            aa_inputs = {"label": "label", "teacher_logits": "teacher_logits"}
+            self.add_term("aa", DistillationTerm(self.aa_loss, self.lambda_aa, _FEATURES, keyword_inputs=aa_inputs))
+        for name, term in (extra_terms or {}).items():
+            self.add_term(name, term)
 
-    def _zero(self, ref: torch.Tensor) -> torch.Tensor:
-        return torch.zeros((), dtype=torch.float32, device=ref.device)
+    def _km_term(self, normalize: str, connector_norm: str | None, reduction: Any) -> DistillationTerm:
+        """One kernel-matrix loss (with its connector) per tap pair."""
+        c_s, c_t = self.student_channels, self.teacher_channels
+        if not c_s or len(c_s) != len(c_t):
+            raise ValueError(
+                "lambda_km > 0 needs student_channels and teacher_channels with one entry per feature pair "
+                f"and the same length, got student_channels={list(c_s)}, teacher_channels={list(c_t)}."
+            )
+        losses = [KernelMatrixLoss(s, t, normalize, connector_norm, reduction=reduction) for s, t in zip(c_s, c_t)]
+        return DistillationTerm(losses, self.lambda_km, _FEATURES, pairs=range(len(losses)))
+
+    @property
+    def km_losses(self) -> nn.ModuleList:
+        """The kernel-matrix losses, one per tap pair (empty when ``lambda_km == 0``)."""
+        return self.terms["km"].loss if "km" in self.terms else nn.ModuleList()
+
+    @property
+    def term_weights(self) -> dict[str, float]:
+        weights = {"seg": 1.0, **{name: 0.0 for name in RELATIONAL_TERMS}}
+        weights.update({name: term.weight for name, term in self.terms.items()})
+        return weights
 
     def forward(
         self,
@@ -136,64 +169,64 @@ class RelationalDistillationLoss(_Loss):
         teacher_features: Sequence[torch.Tensor],
         label: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """
-        Args:
-            student_logits: (B, K, *S).
-            teacher_logits: (B, K, *S); may be None when no term uses it (e.g. every lambda 0, no teacher).
-            student_features: student tap outputs, pair i = ``student_features[i]`` with ``teacher_features[i]``.
-            teacher_features: teacher tap outputs, same length.
-            label: (B, 1, *S) class indices.
-
-        Returns:
-            ``{"loss": total, "seg": L_seg, "logits": L_logits, "km": L_KM, "aa": L_AA}`` (scalar tensors).
+        """As :meth:`WeightedDistillationLoss.forward`; ``"logits"``, ``"km"`` and ``"aa"`` are always present.
 
         Raises:
-            ValueError: when the feature lists have different lengths, or their length does not match the
-                number of KM connectors, or is 0 while a feature term is on.
+            ValueError: also when the number of feature pairs differs from the number of KM connectors.
         """
-        if teacher_logits is None:
-            if self.lambda_logits > 0 or (self.lambda_aa > 0 and self.aa_loss.pair_weights == "teacher"):
-                raise ValueError("teacher_logits is None but lambda_logits > 0 or the affinity uses teacher weights.")
-        else:
-            teacher_logits = teacher_logits.detach()
-        student_features = list(student_features or ())
-        teacher_features = [f.detach() for f in (teacher_features or ())]
-        if (self.lambda_km > 0 or self.lambda_aa > 0) and (
-            not student_features or len(student_features) != len(teacher_features)
-        ):
+        if self.lambda_km > 0 and len(student_features or ()) != len(self.km_losses):
             raise ValueError(
-                "the feature terms need the same, non-zero number of student and teacher features, got "
-                f"{len(student_features)} student and {len(teacher_features)} teacher features."
+                f"got {len(student_features or ())} feature pairs but the loss was built with {len(self.km_losses)} "
+                "(student_channels/teacher_channels)."
             )
+        out = super().forward(student_logits, teacher_logits, student_features, teacher_features, label)
+        for name in RELATIONAL_TERMS:
+            out.setdefault(name, torch.zeros_like(out["seg"]))
+        return out
 
-        out: dict[str, torch.Tensor] = {"seg": self.seg_loss(student_logits, label)}
-        out["logits"] = (
-            self.logits_loss(student_logits, teacher_logits) if self.lambda_logits > 0 else self._zero(student_logits)
-        )
-        if self.lambda_km > 0:
-            if len(student_features) != len(self.km_losses):
-                raise ValueError(
-                    f"got {len(student_features)} feature pairs but the loss was built with {len(self.km_losses)} "
-                    "(student_channels/teacher_channels)."
-                )
-            out["km"] = torch.stack(
-                [km(f_s, f_t) for km, f_s, f_t in zip(self.km_losses, student_features, teacher_features)]
-            ).mean()
-        else:
-            out["km"] = self._zero(student_logits)
-        if self.lambda_aa > 0:
-            out["aa"] = torch.stack(
-                [
-                    self.aa_loss(f_s, f_t, label=label, teacher_logits=teacher_logits)
-                    for f_s, f_t in zip(student_features, teacher_features)
-                ]
-            ).mean()
-        else:
-            out["aa"] = self._zero(student_logits)
-        total = (
-            out["seg"]
-            + self.lambda_logits * out["logits"]
-            + self.lambda_km * out["km"]
-            + self.lambda_aa * out["aa"]
-        )
-        return {"loss": total, "seg": out["seg"], "logits": out["logits"], "km": out["km"], "aa": out["aa"]}
+
+def build_distillation_loss(
+    distillation: Mapping[str, Any],
+    num_classes: int = 2,
+    seg_loss: nn.Module | None = None,
+    reduction: LossReduction | str = LossReduction.MEAN,
+) -> RelationalDistillationLoss:
+    """
+    The loss of a student bundle, built from its ``distillation`` section so that every λ is written once::
+
+        "loss": {"_target_": "monai_relkd.losses.build_distillation_loss", "distillation": "@distillation",
+                 "num_classes": 2}
+
+    Keys read (defaults in brackets): ``lambda_logits``, ``lambda_km``, ``lambda_aa`` [0], ``temperature`` [4],
+    ``taps`` (``student_channels``/``teacher_channels`` of each pair), ``km_normalize`` ["frobenius"],
+    ``km_connector_norm`` [None], ``aa_grid`` [None], ``aa_node_size`` [None], ``aa_pool`` ["avg"],
+    ``pair_weights`` ["label"], ``w_intra``, ``w_inter`` [1], and ``terms``: ``{name: DistillationTerm}`` of
+    further terms (instantiated by the config parser from ``_target_`` definitions).
+
+    Args:
+        distillation: the section (resolved: plain values, and ``DistillationTerm`` objects under ``terms``).
+        num_classes: number of label classes.
+        seg_loss: the supervised loss (default ``DiceCELoss(to_onehot_y=True, softmax=True)``).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    """
+    taps = list(distillation.get("taps") or ())
+    return RelationalDistillationLoss(
+        lambda_logits=distillation.get("lambda_logits", 0.0),
+        lambda_km=distillation.get("lambda_km", 0.0),
+        lambda_aa=distillation.get("lambda_aa", 0.0),
+        temperature=distillation.get("temperature", 4.0),
+        student_channels=[int(t["student_channels"]) for t in taps if "student_channels" in t],
+        teacher_channels=[int(t["teacher_channels"]) for t in taps if "teacher_channels" in t],
+        aa_grid=distillation.get("aa_grid"),
+        pair_weights=distillation.get("pair_weights", "label"),
+        w_intra=distillation.get("w_intra", 1.0),
+        w_inter=distillation.get("w_inter", 1.0),
+        num_classes=num_classes,
+        seg_loss=seg_loss,
+        km_normalize=distillation.get("km_normalize", "frobenius"),
+        km_connector_norm=distillation.get("km_connector_norm"),
+        aa_node_size=distillation.get("aa_node_size"),
+        aa_pool=distillation.get("aa_pool", "avg"),
+        extra_terms=dict(distillation.get("terms") or {}),
+        reduction=reduction,
+    )
