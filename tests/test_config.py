@@ -75,9 +75,13 @@ def test_resolved_section_passes() -> None:
         (lambda d: d.update(taps=[]), "distillation.taps: [] should be non-empty (at least one tap pair"),
         (lambda d: d.update(pair_weights="balanced"), "distillation.pair_weights: 'balanced' is not valid"),
         (lambda d: d.update(lamda_km=1.0), "distillation: unknown key(s) 'lamda_km' (did you mean 'lambda_km'?)"),
+        (lambda d: d.update(km_normalize="l2"), "distillation.km_normalize: 'l2' is not valid: expected one of"),
+        (lambda d: d.update(aa_pool="min"), "distillation.aa_pool: 'min' is not valid: expected 'avg' or 'max'"),
+        (lambda d: d.update(aa_node_size=0), "distillation.aa_node_size: 0 is less than the minimum of 1"),
+        (lambda d: d.update(terms={"gkd": {"weight": 1.0}}), "distillation.terms.gkd: '_target_' is a required"),
     ],
     ids=["negative", "type", "temperature", "missing-nested", "missing-top", "target", "int", "tap-name",
-         "taps-empty", "enum", "typo"],
+         "taps-empty", "enum", "typo", "km-normalize", "aa-pool", "node-size", "term-target"],
 )
 def test_one_clear_message(mutate, expected) -> None:
     err = _check(mutate)
@@ -174,3 +178,14 @@ def test_macro_inside_expression_is_not_supported() -> None:
     with pytest.raises(Exception) as err:
         parser.get_parsed_content("check")
     assert isinstance(err.value.__cause__ or err.value, SyntaxError)
+
+
+def test_new_loss_keys_and_resolved_terms_pass() -> None:
+    from monai_relkd.losses import DistillationTerm, LogitsDistillationLoss
+
+    section = copy.deepcopy(VALID)
+    section.update(km_normalize="row", km_connector_norm="batch", aa_grid=None, aa_node_size=[2, 2], aa_pool="max")
+    section["terms"] = {"hot": {"_target_": "monai_relkd.losses.DistillationTerm", "loss": {}, "weight": 0.5}}
+    validate_distillation_config(section)  # raw
+    section["terms"] = {"hot": DistillationTerm(LogitsDistillationLoss(), weight=0.5)}
+    validate_distillation_config(section)  # resolved: the term is an instantiated module

@@ -100,15 +100,19 @@ def test_two_iterations_full_loss(caplog) -> None:
     assert len(outputs) == 2 and isinstance(outputs[0], list) and len(outputs[0]) == 2  # decollated, batch of 2
     for out in outputs:
         terms = loss_terms_from_engine(out)
-        assert set(terms) == set(LOSS_TERM_KEYS)
+        shares = {f"share_{t}" for t in ("seg", "logits", "km", "aa")}
+        assert set(terms) == set(LOSS_TERM_KEYS) | shares
         assert all(isinstance(v, float) and v == v for v in terms.values())
         assert terms["loss_km"] > 0 and terms["loss_aa"] > 0 and terms["loss_logits"] > 0
         expected = terms["loss_seg"] + terms["loss_logits"] + terms["loss_km"] + terms["loss_aa"]
         assert terms["loss"] == pytest.approx(expected, rel=1e-5)
+        # every weight is 1 here: each share is the term over the total, and the shares add up to 1
+        assert terms["share_km"] == pytest.approx(terms["loss_km"] / terms["loss"], rel=1e-5)
+        assert sum(terms[k] for k in shares) == pytest.approx(1.0, rel=1e-5)
 
     iteration_lines = [m for m in records.messages if "Iter:" in m]
     assert len(iteration_lines) == 2
-    for key in LOSS_TERM_KEYS:
+    for key in LOSS_TERM_KEYS + ("share_km",):
         assert all(f"{key}: " in line for line in iteration_lines), (key, iteration_lines)
 
 
@@ -213,3 +217,29 @@ def test_load_teacher_errors(tmp_path) -> None:
     torch.save([1, 2], tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="state dict"):
         load_teacher(_teacher(), tmp_path / "bad.pt")
+
+
+def test_a_dominant_term_is_warned_about_once(caplog) -> None:
+    """A weighted term far above L_seg at the first iteration is named in one warning, not at every iteration."""
+    student, teacher = _student(), _teacher()
+    loss = _loss(lambda_logits=1e4, lambda_km=0.0, lambda_aa=0.0, student_channels=(), teacher_channels=())
+    trainer = DistillationTrainer(
+        device=torch.device("cpu"), max_epochs=2, train_data_loader=_loader(4), network=student,
+        optimizer=torch.optim.SGD(student.parameters(), lr=1e-6), loss_function=loss, teacher=teacher,
+    )
+    with caplog.at_level(logging.WARNING, logger="monai_relkd.engines.trainer"):
+        trainer.run()
+    warnings = [r.getMessage() for r in caplog.records if "drown the segmentation loss" in r.getMessage()]
+    assert len(warnings) == 1 and "logits" in warnings[0], warnings
+    assert trainer.state.output[0]["share_logits"] > 0.9
+
+
+def test_no_warning_for_a_balanced_loss(caplog) -> None:
+    loss = _loss(lambda_logits=0.1, lambda_km=0.0, lambda_aa=0.0, student_channels=(), teacher_channels=())
+    trainer = DistillationTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=_loader(4), network=_student(),
+        optimizer=torch.optim.SGD(_student().parameters(), lr=1e-6), loss_function=loss, teacher=_teacher(),
+    )
+    with caplog.at_level(logging.WARNING, logger="monai_relkd.engines.trainer"):
+        trainer.run()
+    assert not [r for r in caplog.records if "drown" in r.getMessage()]

@@ -140,8 +140,10 @@ def validate_distillation_config(section: Any, source: str = "distillation") -> 
     Args:
         section: the section: ``{"teacher": {"network_def": {...}, "checkpoint": str}, "taps": [{"student": str,
             "teacher": str, "student_channels": int, "teacher_channels": int}, ...], "lambda_logits": >= 0,
-            "lambda_km": >= 0, "lambda_aa": >= 0, "temperature": > 0, optional "aa_grid", "pair_weights"
-            ("label" | "teacher" | "uniform"), "w_intra", "w_inter" (>= 0)}``; keys starting with ``_`` are ignored.
+            "lambda_km": >= 0, "lambda_aa": >= 0, "temperature": > 0, optional "km_normalize" ("frobenius" | "row" |
+            "none"), "km_connector_norm" (null | "batch"), "aa_grid", "aa_node_size", "aa_pool" ("avg" | "max"),
+            "pair_weights" ("label" | "teacher" | "uniform"), "w_intra", "w_inter" (>= 0), "terms" ({name:
+            DistillationTerm definition})}``; keys starting with ``_`` are ignored.
         source: prefix of the key paths in messages (the section's id in the config).
 
     Raises:

@@ -87,10 +87,12 @@ _LAMBDAS = ("lambda_logits", "lambda_km", "lambda_aa")
 
 
 def teacher_required(distillation: Any) -> bool:
-    """Whether a distillation setup needs the teacher at all: any of its lambdas above 0.
+    """Whether a distillation setup needs the teacher at all: any of its lambdas above 0, or any further term
+    (``terms``) with a weight above 0.
 
     Args:
-        distillation: the bundle's ``distillation`` section (a mapping) or a loss with ``lambda_*`` attributes.
+        distillation: the bundle's ``distillation`` section (a mapping), or a loss: its ``teacher_required``
+            attribute when it has one (``WeightedDistillationLoss``), else its ``lambda_*`` attributes.
 
     With every lambda at 0 the student trains on ``L_seg`` alone (the no-distillation baseline): the teacher is
     neither loaded nor run. Bundle config::
@@ -98,5 +100,20 @@ def teacher_required(distillation: Any) -> bool:
         "teacher": "$monai_relkd.engines.load_teacher(@distillation#teacher#network_def, @teacher_ckpt)
                     if monai_relkd.engines.teacher_required(@distillation) else None"
     """
-    get = distillation.get if isinstance(distillation, Mapping) else (lambda k, d=0.0: getattr(distillation, k, d))
-    return any(float(get(k, 0.0) or 0.0) > 0 for k in _LAMBDAS)
+    if not isinstance(distillation, Mapping):
+        flag = getattr(distillation, "teacher_required", None)
+        if isinstance(flag, bool):
+            return flag
+        return any(float(getattr(distillation, k, 0.0) or 0.0) > 0 for k in _LAMBDAS)
+    if any(float(distillation.get(k, 0.0) or 0.0) > 0 for k in _LAMBDAS):
+        return True
+    return any(_term_weight(term) > 0 for term in (distillation.get("terms") or {}).values())
+
+
+def _term_weight(term: Any) -> float:
+    """The weight of a further term: a ``DistillationTerm`` or its (raw or resolved) config mapping."""
+    weight = term.get("weight", 1.0) if isinstance(term, Mapping) else getattr(term, "weight", 1.0)
+    try:
+        return float(weight)
+    except (TypeError, ValueError):  # an unresolved reference: assume it is on
+        return 1.0

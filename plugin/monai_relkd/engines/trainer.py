@@ -31,17 +31,24 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: keys of the loss dict returned by ``RelationalDistillationLoss`` (besides the total ``"loss"``).
+#: keys of the loss dict returned by ``RelationalDistillationLoss`` (besides the total ``"loss"``); a
+#: ``WeightedDistillationLoss`` may add further term names, which are logged the same way.
 LOSS_TERMS: tuple[str, ...] = ("seg", "logits", "km", "aa")
-#: keys written into the iteration output (``engine.state.output``): the total and one per term.
+#: keys written into the iteration output (``engine.state.output``) for those terms: the total and one per term.
 LOSS_TERM_KEYS: tuple[str, ...] = (Keys.LOSS,) + tuple(f"loss_{t}" for t in LOSS_TERMS)
+#: prefixes of the per-term keys in the iteration output: raw values and shares of the total
+TERM_PREFIX, SHARE_PREFIX = "loss_", "share_"
+#: a weighted term above this multiple of ``L_seg`` at the first iteration is warned about
+DOMINANCE_RATIO = 10.0
 
 
 def loss_terms_from_engine(output: Any) -> dict[str, float] | None:
     """
-    ``output_transform`` for ``StatsHandler`` / ``TensorBoardStatsHandler``: the total loss and each distillation
-    term of a ``DistillationTrainer`` iteration, as ``{"loss": .., "loss_seg": .., "loss_logits": .., "loss_km": ..,
-    "loss_aa": ..}`` of Python floats (keys absent from the output are left out).
+    ``output_transform`` for ``StatsHandler`` / ``TensorBoardStatsHandler``: the total loss, each distillation
+    term and each term's share of the total of a ``DistillationTrainer`` iteration, as ``{"loss": ..,
+    "loss_seg": .., "loss_logits": .., "loss_km": .., "loss_aa": .., "share_seg": .., "share_logits": .., ...}``
+    of Python floats (``loss_<term>`` unweighted, ``share_<term> = λ·L_term / L``; keys absent from the output are
+    left out).
 
     Works on the decollated output (a list of per-sample dicts, ``decollate=True``, where MONAI replicates the
     scalar values into every item: the first item is read) and on the plain output dict (``decollate=False``).
@@ -59,7 +66,8 @@ def loss_terms_from_engine(output: Any) -> dict[str, float] | None:
     if not isinstance(output, dict):
         return None
     terms: dict[str, float] = {}
-    for key in LOSS_TERM_KEYS:
+    keys = [Keys.LOSS] + [k for k in output if isinstance(k, str) and k.startswith((TERM_PREFIX, SHARE_PREFIX))]
+    for key in keys:
         if key in output and output[key] is not None:
             value = output[key]
             if isinstance(value, torch.Tensor):
@@ -98,7 +106,10 @@ class DistillationLossAdapter:
     same autocast context. Here the student features are read from the student taps (captured during that
     forward), the teacher runs on ``engine.state.output[Keys.IMAGE]`` under ``torch.no_grad()`` in eval mode, and
     every term of the returned dict is stored in ``engine.state.output`` as ``loss_<term>`` (detached). The
-    total ``out["loss"]`` is returned; MONAI stores it as ``Keys.LOSS`` and back-propagates it.
+    total ``out["loss"]`` is returned; MONAI stores it as ``Keys.LOSS`` and back-propagates it. When the loss has
+    ``term_weights`` (``{name: λ}``, as :class:`monai_relkd.losses.WeightedDistillationLoss`), each term's share of
+    the total, ``λ·L_term / L``, is stored as ``share_<term>``, and at the first iteration a weighted term larger
+    than ``DOMINANCE_RATIO`` × ``L_seg`` is warned about once (it would drown the supervised loss).
 
     A model output that is a tuple/list/dict (e.g. deep supervision) contributes its first tensor.
     """
@@ -115,6 +126,7 @@ class DistillationLossAdapter:
         self.student_taps = student_taps
         self.teacher_taps = teacher_taps
         self.engine: SupervisedTrainer | None = None
+        self._budget_checked = False
 
     def attach(self, engine: SupervisedTrainer) -> None:
         self.engine = engine
@@ -143,12 +155,47 @@ class DistillationLossAdapter:
                 "the distillation loss must return a dict with a 'loss' key (and 'seg', 'logits', 'km', 'aa'), "
                 f"got {type(out).__name__}."
             )
+        terms = {k: _scalar(v) for k, v in out.items() if k != Keys.LOSS}
         for term in LOSS_TERMS:
-            value = out.get(term)
-            if isinstance(value, torch.Tensor):
-                value = value.detach().float().mean()
-            engine.state.output[f"loss_{term}"] = value if value is not None else torch.zeros(())
+            terms.setdefault(term, torch.zeros(()))
+        for name, value in terms.items():
+            engine.state.output[f"{TERM_PREFIX}{name}"] = value
+        weights = getattr(self.loss, "term_weights", None)
+        if isinstance(weights, dict):
+            total = _scalar(out[Keys.LOSS])
+            for name, weight in weights.items():
+                if name in terms:
+                    share = weight * terms[name] / total if float(total) != 0 else torch.zeros(())
+                    engine.state.output[f"{SHARE_PREFIX}{name}"] = share
+            if not self._budget_checked:
+                self._budget_checked = True
+                warn_dominant_terms(terms, weights)
         return out[Keys.LOSS]
+
+
+def _scalar(value: Any) -> torch.Tensor:
+    """A detached float scalar tensor of a loss value (a tensor of any shape is averaged)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().mean()
+    return torch.zeros(()) if value is None else torch.tensor(float(value))
+
+
+def warn_dominant_terms(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> list[str]:
+    """Log one warning per weighted term ``λ·L`` above ``DOMINANCE_RATIO`` × ``L_seg``; return their names."""
+    seg = float(terms.get("seg", torch.zeros(())))
+    dominant = []
+    for name, weight in weights.items():
+        if name == "seg" or name not in terms:
+            continue
+        weighted = weight * float(terms[name])
+        if seg > 0 and weighted > DOMINANCE_RATIO * seg:
+            dominant.append(name)
+            logger.warning(
+                "DistillationTrainer: at the first iteration the weighted term %s = %.4g x %.4g = %.4g is %.0fx "
+                "L_seg = %.4g: it will drown the segmentation loss; lower its weight (lambda_%s).",
+                name, weight, float(terms[name]), weighted, weighted / seg, seg, name,
+            )
+    return dominant
 
 
 class DistillationTrainer(SupervisedTrainer):
@@ -325,6 +372,9 @@ class DistillationTrainer(SupervisedTrainer):
                 f"the loss was built for {expected} feature pair(s) (student_channels/teacher_channels) "
                 f"but {n_taps} tap pair(s) were given."
             )
+        needed = getattr(loss_function, "num_feature_pairs", None)  # WeightedDistillationLoss: any further term
+        if isinstance(needed, int) and needed > n_taps:
+            raise ValueError(f"the loss's feature terms read {needed} tap pair(s) but {n_taps} were given.")
 
     @staticmethod
     def _add_loss_params_to_optimizer(optimizer: Optimizer, loss_function: Any) -> None:
