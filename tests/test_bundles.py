@@ -166,6 +166,28 @@ def test_distillation_terms_are_logged_non_zero_and_fall(run_dir):
         assert last < first, f"{term} did not fall: first epoch {first:.4f}, last epoch {last:.4f}"
 
 
+@pytest.mark.parametrize("variant", [["gkd.json"], ["gkd.json", "gkd_only.json"]], ids=["gkd+relational", "gkd-only"])
+def test_gkd_bundle_pretrains_the_teacher_msan_then_trains_two_steps(run_dir, variant, tmp_path):
+    """Generalizable distillation from the ENet bundle: teacher MSAN pre-training, then the student objective."""
+    bundle = next(b for b in STUDENTS if b.name.endswith("enet"))
+    msan = tmp_path / "msan_teacher.pt"
+    extra = {"teacher_ckpt": str(run_dir / TEACHER.name / "models" / "model.pt"), "gkd#teacher_msan_ckpt": str(msan)}
+    override = _override(run_dir, "gkd", **extra, log_dir=str(tmp_path / "runs"), ckpt_dir=str(tmp_path / "models"))
+    with pytest.raises(RuntimeError) as err:  # training before pre-training says what to run
+        run_bundle(bundle, ["train.json", *variant], run_id="training", **override)
+    assert isinstance(err.value.__cause__, FileNotFoundError) and "run pretrain_msan" in str(err.value.__cause__)
+    run_bundle(bundle, ["train.json", *variant], run_id="pretrain_msan", **override, **{"gkd#pretrain_steps": 2})
+    assert msan.is_file()
+    run_bundle(bundle, ["train.json", *variant], run_id="training", **override,
+               **{"train#trainer#epoch_length": 2})
+    assert (tmp_path / "models" / "model.pt").is_file()
+    scalars = _scalars(tmp_path / "runs")
+    for term in ("loss_act", "loss_dcgd", "loss_dicd", "share_dcgd"):
+        assert term in scalars and len(scalars[term]) == 2 and all(v > 0 for v in scalars[term]), (term, scalars)
+    relational = [v for term in ("loss_logits", "loss_aa") for v in scalars[term]]
+    assert all(v > 0 for v in relational) if len(variant) == 1 else all(v == 0 for v in relational)
+
+
 def test_student_bundles_differ_only_in_network_and_taps():
     """Three copies of one config: keep them in step."""
     def strip(path: Path) -> dict:
