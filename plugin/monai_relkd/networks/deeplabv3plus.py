@@ -20,7 +20,7 @@ _BACKBONES: Dict[str, List[int]] = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4
 _ASPP_RATES: Dict[int, List[int]] = {16: [6, 12, 18], 8: [12, 24, 36]}
 
 
-def _cbr(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> nn.Sequential:
+def _deeplab_cbr(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (kernel_size // 2)
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=pad, dilation=dilation, bias=False),
@@ -29,7 +29,7 @@ def _cbr(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 
     )
 
 
-class ResNetBottleneck(nn.Module):
+class DeepLabResNetBottleneck(nn.Module):
     """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4 expansion) residual block."""
 
     expansion: int = 4
@@ -57,7 +57,7 @@ class ResNetBottleneck(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
-class ResNetEncoder(nn.Module):
+class DeepLabResNetEncoder(nn.Module):
     """ResNet stem (7x7/2 conv, 3x3/2 max-pool) and stages 1-4; strides of late stages become dilations."""
 
     def __init__(self, in_channels: int, depths: List[int], output_stride: int) -> None:
@@ -77,9 +77,9 @@ class ResNetEncoder(nn.Module):
                 dilation *= 2
                 stride = 1
             stride_now *= stride
-            blocks = [ResNetBottleneck(channels, width, stride, first_dilation)]
-            channels = width * ResNetBottleneck.expansion
-            blocks += [ResNetBottleneck(channels, width, 1, dilation) for _ in range(depth - 1)]
+            blocks = [DeepLabResNetBottleneck(channels, width, stride, first_dilation)]
+            channels = width * DeepLabResNetBottleneck.expansion
+            blocks += [DeepLabResNetBottleneck(channels, width, 1, dilation) for _ in range(depth - 1)]
             stages.append(nn.Sequential(*blocks))
         self.stage1, self.stage2, self.stage3, self.stage4 = stages
 
@@ -108,11 +108,11 @@ class ASPP(nn.Module):
 
     def __init__(self, in_channels: int, rates: List[int], channels: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
-        branches: List[nn.Module] = [_cbr(in_channels, channels, 1)]
-        branches += [_cbr(in_channels, channels, 3, dilation=r) for r in rates]
+        branches: List[nn.Module] = [_deeplab_cbr(in_channels, channels, 1)]
+        branches += [_deeplab_cbr(in_channels, channels, 3, dilation=r) for r in rates]
         branches.append(ASPPPooling(in_channels, channels))
         self.branches = nn.ModuleList(branches)
-        self.project = nn.Sequential(_cbr(channels * len(branches), channels, 1), nn.Dropout(dropout))
+        self.project = nn.Sequential(_deeplab_cbr(channels * len(branches), channels, 1), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(torch.cat([branch(x) for branch in self.branches], dim=1))
@@ -123,8 +123,8 @@ class DeepLabV3PlusDecoder(nn.Module):
 
     def __init__(self, low_channels: int = 256, aspp_channels: int = 256, channels: int = 256) -> None:
         super().__init__()
-        self.low_proj = _cbr(low_channels, 48, 1)
-        self.fuse = nn.Sequential(_cbr(aspp_channels + 48, channels, 3), _cbr(channels, channels, 3))
+        self.low_proj = _deeplab_cbr(low_channels, 48, 1)
+        self.fuse = nn.Sequential(_deeplab_cbr(aspp_channels + 48, channels, 3), _deeplab_cbr(channels, channels, 3))
 
     def forward(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=[low.shape[2], low.shape[3]], mode="bilinear", align_corners=False)
@@ -188,7 +188,7 @@ class DeepLabV3Plus(nn.Module):
             "output_stride": output_stride,
         }
         self.size_divisible = output_stride
-        self.encoder = ResNetEncoder(in_channels, _BACKBONES[backbone], output_stride)
+        self.encoder = DeepLabResNetEncoder(in_channels, _BACKBONES[backbone], output_stride)
         self.aspp = ASPP(2048, _ASPP_RATES[output_stride])
         self.decoder = DeepLabV3PlusDecoder()
         self.head = nn.Conv2d(256, out_channels, 1)

@@ -36,7 +36,7 @@ class InitialBlock(nn.Module):
         return self.act(torch.cat([self.conv(x), self.pool(x)], dim=1))
 
 
-class Bottleneck(nn.Module):
+class ENetBottleneck(nn.Module):
     """Residual bottleneck: 1x1 projection, regular / dilated / asymmetric (5x1, 1x5) conv, 1x1 expansion."""
 
     def __init__(self, channels: int, kind: str = "regular", dilation: int = 1, dropout: float = 0.1) -> None:
@@ -121,14 +121,14 @@ class UpsamplingBottleneck(nn.Module):
 def _stage23(channels: int) -> nn.Sequential:
     """The eight bottlenecks shared by stages 2 and 3 (regular, dilated 2, asym 5, dilated 4, ..., dilated 16)."""
     return nn.Sequential(
-        Bottleneck(channels, "regular"),
-        Bottleneck(channels, "dilated", 2),
-        Bottleneck(channels, "asymmetric"),
-        Bottleneck(channels, "dilated", 4),
-        Bottleneck(channels, "regular"),
-        Bottleneck(channels, "dilated", 8),
-        Bottleneck(channels, "asymmetric"),
-        Bottleneck(channels, "dilated", 16),
+        ENetBottleneck(channels, "regular"),
+        ENetBottleneck(channels, "dilated", 2),
+        ENetBottleneck(channels, "asymmetric"),
+        ENetBottleneck(channels, "dilated", 4),
+        ENetBottleneck(channels, "regular"),
+        ENetBottleneck(channels, "dilated", 8),
+        ENetBottleneck(channels, "asymmetric"),
+        ENetBottleneck(channels, "dilated", 16),
     )
 
 
@@ -139,7 +139,7 @@ class ENetEncoder(nn.Module):
         super().__init__()
         self.initial = InitialBlock(in_channels, 16)
         self.down1 = DownsamplingBottleneck(16, 64, dropout=0.01)
-        self.stage1 = nn.Sequential(*[Bottleneck(64, "regular", dropout=0.01) for _ in range(4)])
+        self.stage1 = nn.Sequential(*[ENetBottleneck(64, "regular", dropout=0.01) for _ in range(4)])
         self.down2 = DownsamplingBottleneck(64, 128)
         self.stage2 = _stage23(128)
         self.stage3 = _stage23(128)
@@ -159,9 +159,9 @@ class ENetDecoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.up4 = UpsamplingBottleneck(128, 64)
-        self.stage4 = nn.Sequential(Bottleneck(64), Bottleneck(64))
+        self.stage4 = nn.Sequential(ENetBottleneck(64), ENetBottleneck(64))
         self.up5 = UpsamplingBottleneck(64, 16)
-        self.stage5 = nn.Sequential(Bottleneck(16))
+        self.stage5 = nn.Sequential(ENetBottleneck(16))
 
     def forward(self, x: torch.Tensor, idx1: torch.Tensor, idx2: torch.Tensor) -> torch.Tensor:
         x = self.stage4(self.up4(x, idx2))
