@@ -7,13 +7,17 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from ignite.engine import Events
 from torch import nn
 
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.inferers import SimpleInferer
 from monai.utils import CommonKeys as Keys
+from monai.utils import optional_import
+
+# as MONAI's own engines do: without pytorch-ignite this module still imports (MONAI's component scan walks every
+# monai* package), and using the trainer raises MONAI's OptionalImportError naming ignite
+Events, _ = optional_import("ignite.engine", name="Events")
 
 from .taps import FeatureTaps, _first_tensor, unwrap_module
 from .teacher import freeze, strip_wrappers, teacher_required
