@@ -145,7 +145,32 @@ class AlignmentConsistencyLoss(_Loss):
         return reduce_per_sample(per_sample, self.reduction)
 
 
-class ContrastiveGraphDistillationLoss(_Loss):
+class _MSANPairLoss(_Loss):
+    """A loss on the vectors of a student MSAN (trained) and a teacher MSAN (frozen) of one tap pair."""
+
+    def __init__(
+        self, student_msan: AlignmentNetwork, teacher_msan: AlignmentNetwork, reduction: LossReduction | str
+    ) -> None:
+        super().__init__(reduction=check_reduction(reduction))
+        _check_msan("student_msan", student_msan)
+        _check_msan("teacher_msan", teacher_msan)
+        if student_msan.vector_dim != teacher_msan.vector_dim:
+            raise ValueError(f"the MSAN vectors differ in size: student {student_msan.vector_dim}, "
+                             f"teacher {teacher_msan.vector_dim}.")
+        self.student_msan = student_msan
+        self.teacher_msan = freeze_alignment_network(teacher_msan)
+
+    def vectors(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(s, t)``: the student's vectors (with gradient) and the teacher's (fixed), each (B, vector_dim)."""
+        if student_features.shape[0] != teacher_features.shape[0]:
+            raise ValueError(f"batch sizes differ: student {student_features.shape[0]}, "
+                             f"teacher {teacher_features.shape[0]}.")
+        self.teacher_msan.eval()
+        s = self.student_msan.encode(student_features)
+        return s, _teacher_vector(self.teacher_msan, teacher_features).to(s.dtype)
+
+
+class ContrastiveGraphDistillationLoss(_MSANPairLoss):
     """
     Dual contrastive graph distillation (DCGD): two contrastive graphs over the batch's MSAN vectors, the student's
     matched to the teacher's (see :func:`contrastive_graph_terms`):
@@ -188,14 +213,7 @@ class ContrastiveGraphDistillationLoss(_Loss):
             w_inter: weight (>= 0) of the inter-coupling (graph KL) term.
             reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         """
-        super().__init__(reduction=check_reduction(reduction))
-        _check_msan("student_msan", student_msan)
-        _check_msan("teacher_msan", teacher_msan)
-        if student_msan.vector_dim != teacher_msan.vector_dim:
-            raise ValueError(f"the MSAN vectors differ in size: student {student_msan.vector_dim}, "
-                             f"teacher {teacher_msan.vector_dim}.")
-        self.student_msan = student_msan
-        self.teacher_msan = freeze_alignment_network(teacher_msan)
+        super().__init__(student_msan, teacher_msan, reduction)
         if not check_weight("temperature", temperature) > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}.")
         self.temperature = float(temperature)
@@ -208,17 +226,12 @@ class ContrastiveGraphDistillationLoss(_Loss):
             student_features: (B, C_s, *S_s).
             teacher_features: (B, C_t, *S_t).
         """
-        if student_features.shape[0] != teacher_features.shape[0]:
-            raise ValueError(f"batch sizes differ: student {student_features.shape[0]}, "
-                             f"teacher {teacher_features.shape[0]}.")
-        self.teacher_msan.eval()
-        s = self.student_msan.encode(student_features)
-        t = _teacher_vector(self.teacher_msan, teacher_features).to(s.dtype)
+        s, t = self.vectors(student_features, teacher_features)
         intra, inter = contrastive_graph_terms(s, t, self.temperature)
         return reduce_per_sample(self.w_intra * intra + self.w_inter * inter, self.reduction)
 
 
-class CrossDistillationLoss(_Loss):
+class CrossDistillationLoss(_MSANPairLoss):
     """
     Domain-invariant cross distillation (DICD): teacher and student exchange MSAN decoder heads. The teacher's
     (frozen) decoder must rebuild the teacher's style-free grid from the *student's* vector, and the student's
@@ -260,14 +273,7 @@ class CrossDistillationLoss(_Loss):
             w_student_decoder: weight (>= 0) of the student-decoder term (supervises the student's decoder).
             reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         """
-        super().__init__(reduction=check_reduction(reduction))
-        _check_msan("student_msan", student_msan)
-        _check_msan("teacher_msan", teacher_msan)
-        if student_msan.vector_dim != teacher_msan.vector_dim:
-            raise ValueError(f"the MSAN vectors differ in size: student {student_msan.vector_dim}, "
-                             f"teacher {teacher_msan.vector_dim}.")
-        self.student_msan = student_msan
-        self.teacher_msan = freeze_alignment_network(teacher_msan)
+        super().__init__(student_msan, teacher_msan, reduction)
         self.w_teacher_decoder = check_weight("w_teacher_decoder", w_teacher_decoder)
         self.w_student_decoder = check_weight("w_student_decoder", w_student_decoder)
 
@@ -277,13 +283,8 @@ class CrossDistillationLoss(_Loss):
             student_features: (B, C_s, *S_s).
             teacher_features: (B, C_t, *S_t).
         """
-        if student_features.shape[0] != teacher_features.shape[0]:
-            raise ValueError(f"batch sizes differ: student {student_features.shape[0]}, "
-                             f"teacher {teacher_features.shape[0]}.")
-        self.teacher_msan.eval()
         teacher_features = teacher_features.detach()
-        s = self.student_msan.encode(student_features)
-        t = _teacher_vector(self.teacher_msan, teacher_features).to(s.dtype)
+        s, t = self.vectors(student_features, teacher_features)
         with torch.no_grad():
             target_t = self.teacher_msan.target(teacher_features)
             target_s = self.student_msan.target(student_features.detach())

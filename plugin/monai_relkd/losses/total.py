@@ -71,6 +71,8 @@ class RelationalDistillationLoss(WeightedDistillationLoss):
         >>> out["loss"].backward()
     """
 
+    reported_terms = RELATIONAL_TERMS
+
     def __init__(
         self,
         lambda_logits: float = 1.0,
@@ -155,34 +157,14 @@ class RelationalDistillationLoss(WeightedDistillationLoss):
         """The kernel-matrix losses, one per tap pair (empty when ``lambda_km == 0``)."""
         return self.terms["km"].loss if "km" in self.terms else nn.ModuleList()
 
-    @property
-    def term_weights(self) -> dict[str, float]:
-        weights = {"seg": 1.0, **{name: 0.0 for name in RELATIONAL_TERMS}}
-        weights.update({name: term.weight for name, term in self.terms.items()})
-        return weights
-
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor | None,
-        student_features: Sequence[torch.Tensor],
-        teacher_features: Sequence[torch.Tensor],
-        label: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """As :meth:`WeightedDistillationLoss.forward`; ``"logits"``, ``"km"`` and ``"aa"`` are always present.
-
-        Raises:
-            ValueError: also when the number of feature pairs differs from the number of KM connectors.
-        """
-        if self.lambda_km > 0 and len(student_features or ()) != len(self.km_losses):
+    def check_features(self, student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> None:
+        """Also: the number of feature pairs must equal the number of KM connectors while ``lambda_km > 0``."""
+        if self.lambda_km > 0 and len(student_features) != len(self.km_losses):
             raise ValueError(
-                f"got {len(student_features or ())} feature pairs but the loss was built with {len(self.km_losses)} "
+                f"got {len(student_features)} feature pairs but the loss was built with {len(self.km_losses)} "
                 "(student_channels/teacher_channels)."
             )
-        out = super().forward(student_logits, teacher_logits, student_features, teacher_features, label)
-        for name in RELATIONAL_TERMS:
-            out.setdefault(name, torch.zeros_like(out["seg"]))
-        return out
+        super().check_features(student_features, teacher_features)
 
 
 def build_distillation_loss(

@@ -161,6 +161,9 @@ class WeightedDistillationLoss(_Loss):
         >>> out["loss"].backward()  # out["seg"], out["logits"]: the unweighted terms
     """
 
+    #: term names always present in the forward's dict (0 when absent or off), for steady logs
+    reported_terms: tuple[str, ...] = ()
+
     def __init__(
         self,
         terms: Mapping[str, DistillationTerm] | None = None,
@@ -199,7 +202,18 @@ class WeightedDistillationLoss(_Loss):
     @property
     def term_weights(self) -> dict[str, float]:
         """``{"seg": 1.0, name: λ, ...}``: the weight of each entry of the forward's dict (besides ``"loss"``)."""
-        return {"seg": 1.0, **{name: term.weight for name, term in self.terms.items()}}
+        weights = {"seg": 1.0, **{name: 0.0 for name in self.reported_terms}}
+        weights.update({name: term.weight for name, term in self.terms.items()})
+        return weights
+
+    def check_features(self, student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]) -> None:
+        """Raise ``ValueError`` when the feature lists cannot serve the active terms (subclasses add checks)."""
+        needed = self.num_feature_pairs
+        if needed and (len(student_features) != len(teacher_features) or len(student_features) < needed):
+            raise ValueError(
+                f"the feature terms need {needed} pair(s) and as many student as teacher features, got "
+                f"{len(student_features)} student and {len(teacher_features)} teacher features."
+            )
 
     @property
     def teacher_required(self) -> bool:
@@ -252,12 +266,7 @@ class WeightedDistillationLoss(_Loss):
         """
         student_features = list(student_features or ())
         teacher_features = [f.detach() for f in (teacher_features or ())]
-        needed = self.num_feature_pairs
-        if needed and (len(student_features) != len(teacher_features) or len(student_features) < needed):
-            raise ValueError(
-                f"the feature terms need {needed} pair(s) and as many student as teacher features, got "
-                f"{len(student_features)} student and {len(teacher_features)} teacher features."
-            )
+        self.check_features(student_features, teacher_features)
         context = {
             "student_logits": student_logits,
             "teacher_logits": None if teacher_logits is None else teacher_logits.detach(),
@@ -275,4 +284,6 @@ class WeightedDistillationLoss(_Loss):
                 raise ValueError(f"term {name!r} reads teacher_logits, but teacher_logits is None.")
             out[name] = self._reduce(name, term(context))
             total = total + term.weight * out[name]
+        for name in self.reported_terms:
+            out.setdefault(name, torch.zeros_like(out["seg"]))
         return {"loss": total, **out}
