@@ -168,3 +168,20 @@ def test_teacher_msan_pretraining_saves_loads_and_checks(tmp_path) -> None:
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot be read"):
         load_alignment_network(tmp_path / "cut.pt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_float16_autocast_close_to_float32() -> None:
+    dev = torch.device("cuda")
+    student_msan = AlignmentNetwork(4, vector_dim=8, grid=2, hidden_channels=16).to(dev)
+    teacher_msan = AlignmentNetwork(6, vector_dim=8, grid=2, hidden_channels=16).to(dev)
+    f_s, f_t = torch.randn(6, 4, 16, 16, device=dev), torch.randn(6, 6, 8, 8, device=dev)
+    losses = [ContrastiveGraphDistillationLoss(student_msan, teacher_msan), CrossDistillationLoss(student_msan, teacher_msan),
+              AlignmentConsistencyLoss(student_msan)]
+    for loss in losses:
+        args = (f_s,) if isinstance(loss, AlignmentConsistencyLoss) else (f_s, f_t)
+        ref = loss(*args)
+        with torch.autocast("cuda", dtype=torch.float16):
+            value = loss(*(a.half() for a in args))
+        assert value.device.type == "cuda" and torch.isfinite(value)
+        assert value.float().item() == pytest.approx(ref.item(), rel=5e-2, abs=1e-3), type(loss).__name__
