@@ -87,7 +87,7 @@ def _run_student(bundles: Path, override: dict[str, Any]) -> dict[str, Any]:
     return {"steps": steps, "val_dice": dice}
 
 
-def main(out: str = "/tmp/loss_budget", epochs: int = 30, teacher_epochs: int = 40, seeds: str = "0",
+def main(out: str = "/tmp/loss_budget", epochs: int = 30, teacher_epochs: int = 40, seeds: Any = "0",
          variants: str | None = None) -> None:
     """Train the teacher once, then each variant for ``epochs`` epochs per seed; print the budget table."""
     out_dir = Path(out)
@@ -106,7 +106,7 @@ def main(out: str = "/tmp/loss_budget", epochs: int = 30, teacher_epochs: int = 
     results_path = out_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name in chosen:
-        for seed in [int(s) for s in str(seeds).split(",")]:
+        for seed in _ints(seeds):
             key = f"{name} | seed {seed}"
             if key in results:
                 continue
@@ -119,6 +119,13 @@ def main(out: str = "/tmp/loss_budget", epochs: int = 30, teacher_epochs: int = 
             atomic_write_json(results_path, results)
             print(f"{key}: {results[key]['seconds']:.0f} s, val Dice {results[key]['val_dice']}", flush=True)
     print(budget_table(results))
+
+
+def _ints(value: Any) -> list[int]:
+    """``0``, ``"0,1"`` or fire's ``(0, 1)`` -> ``[0, 1]``."""
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(v) for v in str(value).split(",")]
 
 
 def budget_table(results: dict[str, Any]) -> str:
