@@ -1,6 +1,6 @@
 """Engines: feature taps (forward hooks by module name), the teacher loader and ``DistillationTrainer``."""
 
-from .msan import load_alignment_network, load_msan_weights, pretrain_teacher_msan
+from .msan import TeacherAlignmentLoader, load_alignment_network, load_msan_weights, pretrain_teacher_msan
 from .taps import FeatureTaps, unwrap_module
 from .teacher import freeze, load_teacher, strip_wrappers, teacher_required
 from .trainer import (
@@ -26,4 +26,5 @@ __all__ = [
     "pretrain_teacher_msan",
     "load_alignment_network",
     "load_msan_weights",
+    "TeacherAlignmentLoader",
 ]

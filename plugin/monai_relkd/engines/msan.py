@@ -30,7 +30,13 @@ from ..networks.alignment import AlignmentNetwork
 from .taps import FeatureTaps
 from .teacher import freeze
 
-__all__ = ["pretrain_teacher_msan", "load_alignment_network", "load_msan_weights", "scanner_view"]
+__all__ = [
+    "pretrain_teacher_msan",
+    "load_alignment_network",
+    "load_msan_weights",
+    "scanner_view",
+    "TeacherAlignmentLoader",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -160,3 +166,32 @@ def load_msan_weights(msan: AlignmentNetwork, path: str | os.PathLike) -> Alignm
     msan.load_state_dict(saved["state_dict"])
     logger.info("teacher MSAN loaded from %s (tap %s, %s steps)", path, saved.get("tap"), saved.get("steps"))
     return msan
+
+
+class TeacherAlignmentLoader:
+    """
+    Trainer handler that loads the pre-trained teacher MSAN's weights into the (frozen) module the GKD losses hold,
+    when training starts. The checkpoint is checked when the handler is attached, so a missing or unreadable file
+    stops the run before its first iteration and says how to make it. Bundle config (``configs/gkd.json``)::
+
+        "+train#handlers": [{"_target_": "monai_relkd.engines.TeacherAlignmentLoader",
+                             "msan": "@gkd#teacher_msan", "path": "@gkd#teacher_msan_ckpt"}]
+
+    Args:
+        msan: the teacher's alignment network as built by the config.
+        path: the checkpoint written by :func:`pretrain_teacher_msan`.
+    """
+
+    def __init__(self, msan: AlignmentNetwork, path: str | os.PathLike) -> None:
+        self.msan = msan
+        self.path = path
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        _read(self.path)  # fail now, with the way out, rather than at the first iteration
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any) -> None:
+        device = next(self.msan.parameters()).device
+        load_msan_weights(self.msan, self.path).to(device)
