@@ -7,4 +7,4 @@ still reference them by full dotted path, e.g. ``"_target_": "monai_relkd.losses
 
 __version__ = "0.1.0"
 
-from . import bundle_support, config, data, engines, evaluation, losses, metadata, networks  # noqa: E402,F401  (registers the components)
+from . import bundle_support, config, data, engines, evaluation, inference, losses, metadata, networks  # noqa: E402,F401  (registers the components)
