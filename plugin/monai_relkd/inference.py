@@ -53,6 +53,8 @@ __all__ = [
     "FiniteIntensityd",
     "skip_failed_iteration",
     "check_weights",
+    "load_checked_weights",
+    "WeightsError",
     "FAILED_KEY",
     "DEFAULT_MAX_IMAGE_GIB",
 ]
@@ -284,40 +286,45 @@ def skip_failed_iteration(engine: Any, batchdata: Mapping) -> Any:
     return engine._iteration(engine, batchdata)
 
 
-def check_weights(path: str | os.PathLike, network: Any = None) -> dict:
+class WeightsError(ValueError):
+    """A weights file that is missing, unreadable, truncated, not a state dict, or not for the bundle's network."""
+
+
+def load_checked_weights(path: str | os.PathLike, network: Any = None) -> dict:
     """Load a bundle's weights with ``torch.load(weights_only=True)``; check them against ``network`` if given.
 
     Returns:
-        the state dict.
+        the state dict (the ``"model"`` entry of a MONAI ``CheckpointSaver`` dict is taken).
 
     Raises:
-        InferenceFailed: the file is missing, unreadable or truncated, not a flat state dict, or does not match
-            ``network`` (missing/unexpected keys, shapes). The message names the file.
+        WeightsError: the file is missing, unreadable or truncated, not a flat state dict, or does not match
+            ``network`` (missing/unexpected keys, shapes). The message starts with the file's path.
     """
     import torch
 
     path = str(path)
     if not os.path.isfile(path):
-        raise InferenceFailed(f"{path}: weights not found. Train the bundle (its train.json writes models/model.pt) "
-                              "or pass --ckpt_path.")
+        raise WeightsError(f"{path}: weights not found. Train the bundle (its train.json writes models/model.pt) "
+                           "or pass --ckpt_path.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InferenceFailed(
-            f"{path}: cannot load the weights ({type(_root_cause(e)).__name__}: {str(_root_cause(e)).splitlines()[0]})"
-            "; the file is truncated or corrupt (re-train, or restore it from a release)."
+        cause = _root_cause(e)
+        raise WeightsError(
+            f"{path}: cannot load the weights ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}); "
+            "the file is truncated or corrupt (re-train, or restore it from a release)."
         ) from None
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InferenceFailed(f"{path}: does not hold a state dict (a flat mapping of tensors).")
+        raise WeightsError(f"{path}: does not hold a state dict (a flat mapping of tensors).")
     if network is not None:
         while hasattr(network, "module") and isinstance(network.module, torch.nn.Module):
             network = network.module
         expected = network.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
-        shapes = [k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)]
+        shapes = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
         if missing or unexpected or shapes:
             parts = []
             if missing:
@@ -325,9 +332,18 @@ def check_weights(path: str | os.PathLike, network: Any = None) -> dict:
             if unexpected:
                 parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
             if shapes:
-                k = sorted(shapes)[0]
+                k = shapes[0]
                 parts.append(f"{len(shapes)} shape mismatch(es) (e.g. {k}: {tuple(state[k].shape)} vs "
                              f"{tuple(expected[k].shape)})")
-            raise InferenceFailed(f"{path}: the weights do not match the bundle's network "
-                                  f"{type(network).__name__}: " + "; ".join(parts) + ".")
+            raise WeightsError(f"{path}: the weights do not match the bundle's network "
+                               f"{type(network).__name__}: " + "; ".join(parts) + ".")
     return dict(state)
+
+
+def check_weights(path: str | os.PathLike, network: Any = None) -> dict:
+    """:func:`load_checked_weights` for a bundle's ``initialize`` list: a problem ends the run with
+    :class:`InferenceFailed` (its message, naming the file, is the first line the user sees)."""
+    try:
+        return load_checked_weights(path, network)
+    except WeightsError as e:
+        raise InferenceFailed(str(e)) from None
