@@ -105,7 +105,7 @@ def test_a_folder_with_bad_files_segments_the_rest_and_fails_listing_them(folder
         assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()
         head = next(i for i, line in enumerate(last) if line.startswith("inference: "))
-        assert last[head] == "inference: 6 of 8 file(s) could not be segmented (the other 2 were):", last[head:]
+        assert last[head] == "inference: 6 of 8 file(s) could not be segmented (2 segmented):", last[head:]
         listed = "\n".join(last[head + 1:])
         for name, cause in BAD.items():
             assert f"  {folder / name}: " in listed, listed

@@ -235,7 +235,7 @@ class CheckedDataset(Dataset):
         if not self.failures:
             return
         n, total = len(self.failures), len(self.data)
-        lines = [f"inference: {n} of {total} file(s) could not be segmented (the other {total - n} were):"]
+        lines = [f"inference: {n} of {total} file(s) could not be segmented ({total - n} segmented):"]
         lines += [f"  {path}: {cause}" for path, cause in self.failures.items()]
         raise InferenceFailed("\n".join(lines), list(self.failures.items()))
 
@@ -310,8 +310,9 @@ def load_checked_weights(path: str | os.PathLike, network: Any = None) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         cause = _root_cause(e)
+        first = (str(cause).splitlines() or [""])[0].split(". ")[0]
         raise WeightsError(
-            f"{path}: cannot load the weights ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}); "
+            f"{path}: cannot load the weights ({type(cause).__name__}: {first}); "
             "the file is truncated or corrupt (re-train, or restore it from a release)."
         ) from None
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
