@@ -233,3 +233,71 @@ def test_relkd_cli_names_the_data_commands():
     from monai_relkd.data.synthetic import synth_command
 
     assert table["synth"] is synth_command
+
+
+# --- a site with no usable case, and the CLI's errors ----------------------------------------------------------
+
+
+@pytest.fixture
+def site_without_cases(bad_root) -> Path:
+    """``bad_root`` plus a site BIDMC whose only two cases are unusable (empty label, missing segmentation)."""
+    site = bad_root / "BIDMC"
+    site.mkdir()
+    img = np.ones((16, 16, 4), np.float32)
+    _write(site / "Case00.nii.gz", img)
+    _write(site / "Case00_segmentation.nii.gz", np.zeros((16, 16, 4), np.uint8))
+    _write(site / "Case01.nii.gz", img)
+    return bad_root
+
+
+def test_a_site_with_no_usable_case_is_reported_and_left_out(site_without_cases, tmp_path, capsys):
+    scan = scan_sites(site_without_cases)
+    assert scan.empty_sites() == ["BIDMC"]
+    assert {p.case for p in scan.problems if p.site == "BIDMC"} == {"Case00", "Case01"}
+    out = tmp_path / "dl.json"
+    datalist_command(root=str(site_without_cases), test_site="HK", out=str(out))
+    printed = capsys.readouterr().out
+    assert "site BIDMC left out: no usable case" in printed
+    assert "BIDMC/Case00" in printed and "empty segmentation" in printed
+    assert "BIDMC/Case01" in printed and "missing segmentation" in printed
+    dl = json.loads(out.read_text())
+    assert "BIDMC" not in {e["site"] for k in ("training", "validation", "test") for e in dl[k]}
+    assert "BIDMC" not in dl["meta"]["training_sites"]
+    folds = datalist_command(root=str(site_without_cases), all_folds=True, out=str(tmp_path / "folds"))
+    assert sorted(Path(f).name for f in folds) == ["datalist_HK.json", "datalist_MYSITE.json", "datalist_RUNMC.json"]
+
+    with pytest.raises(DataError, match="strict"):
+        datalist_command(root=str(site_without_cases), test_site="HK", out=str(out), strict=True)
+    with pytest.raises(DataError, match="(?s)held-out site 'BIDMC' has no usable case.*empty segmentation"):
+        datalist_command(root=str(site_without_cases), test_site="BIDMC", out=str(out))
+
+
+def test_no_training_site_left_is_an_error(tmp_path):
+    _good(tmp_path / "d" / "HK", "Case00")
+    bad = tmp_path / "d" / "UCL"
+    bad.mkdir()
+    _write(bad / "Case00.nii.gz", np.ones((16, 16, 4), np.float32))
+    with pytest.raises(DataError, match="no training case left"):
+        datalist_command(root=str(tmp_path / "d"), test_site="HK", out=str(tmp_path / "dl.json"))
+
+
+def test_relkd_user_errors_are_one_line_with_status_2_and_debug_shows_the_traceback(site_without_cases, tmp_path,
+                                                                                    capsys):
+    from monai_relkd.cli import main
+
+    for args, message in [
+        (("datalist", "--root", str(tmp_path / "nowhere"), "--test_site", "HK"), "does not exist"),
+        (("datalist", "--root", str(site_without_cases), "--test_site", "HK", "--strict"), "strict mode"),
+        (("datalist", "--root", str(site_without_cases), "--test_site", "BIDMC"), "has no usable case"),
+        (("package", "--bundle", str(tmp_path / "no_bundle"), "--out", str(tmp_path / "rel")), "no_bundle"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(list(args))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, (args, err)
+        assert err.splitlines()[0].startswith(f"relkd {args[0]}: error: ") and message in err, err
+        assert "Traceback" not in err
+    with pytest.raises(DataError, match="does not exist"):  # --debug: the exception and its traceback
+        main(["datalist", "--root", str(tmp_path / "nowhere"), "--test_site", "HK", "--debug"])
+    main(["datalist", "--root", str(site_without_cases), "--test_site", "HK", "--out", str(tmp_path / "x.json")])
+    assert "site BIDMC left out" in capsys.readouterr().out

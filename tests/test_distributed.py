@@ -6,7 +6,7 @@ process group is destroyed each rank saves what it ended with (student and conne
 flags and a checksum of its state dict, iteration count, sampler shard, pid, backend) to ``rank<r>.pt``.
 
 ``max_epochs == val_interval == 2``: the only validation runs after the last iteration, so the ``model.pt`` that
-rank 0's ``CheckpointSaver`` writes (the best validation model) is the final model, comparable with rank 1's.
+rank 0's ``BestModelCheckpoint`` writes (the best validation model) is the final model, comparable with rank 1's.
 """
 
 from __future__ import annotations
@@ -134,11 +134,15 @@ def test_torchrun_two_cpu_processes_distil_the_student(run: Path):
     for key, value in ranks[0]["connectors"].items():
         torch.testing.assert_close(ranks[1]["connectors"][key], value, rtol=0, atol=0, msg=f"connector {key} differs")
 
-    # rank 0's CheckpointSaver wrote the (final, see the docstring) student: a flat state dict loading into ENet
+    # rank 0's BestModelCheckpoint wrote the (final, see the docstring) student: a flat state dict loading into ENet
     from monai_relkd.networks import ENet
 
     saved = sorted(p.name for p in (out / "models").iterdir())
-    assert saved == ["model.pt"], saved
+    assert saved == ["checkpoint_last.pt", "model.json", "model.pt"], saved  # the lock is released at the end
+    last = torch.load(out / "models" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    assert last["run"]["completed"] and last["trainer"]["iteration"] == ranks[0]["iterations"]
+    for key, value in ranks[0]["connectors"].items():  # the KM connectors travel with the full state
+        torch.testing.assert_close(last["loss"][key], value, rtol=0, atol=0)
     state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     ENet(in_channels=1, out_channels=2).load_state_dict(state)
     for key, value in ranks[1]["student"].items():

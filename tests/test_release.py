@@ -263,3 +263,41 @@ def test_download_large_files_rejects_a_wrong_hash(release, tmp_path):
     yml.write_text(yml.read_text().replace("0" * 64, good))
     download_large_files(bundle_path=str(bundle))
     assert _sha(bundle / "models" / "model.pt", "sha256") == good
+
+
+def test_package_refuses_truncated_or_foreign_weights_and_links_out_of_the_bundle(tmp_path):
+    """The weights are loaded with weights_only=True into the bundle's network before anything is written."""
+    from monai_relkd.inference import WeightsError
+    from monai_relkd.networks import ENet, ERFNet
+
+    bundle = tmp_path / NAME
+    shutil.copytree(SOURCE, bundle, ignore=shutil.ignore_patterns("models", "eval", "runs", "__pycache__"))
+    (bundle / "models").mkdir()
+    weights = bundle / "models" / "model.pt"
+    torch.save(ENet(in_channels=1, out_channels=2).state_dict(), weights)
+    good = weights.read_bytes()
+    out = tmp_path / "out"
+
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(WeightsError, match=f"^{weights}: cannot load the weights.*truncated or corrupt"):
+        package_bundle(bundle, out)
+    torch.save(ERFNet(in_channels=1, out_channels=2).state_dict(), weights)
+    with pytest.raises(WeightsError, match="do not match the bundle's network ENet"):
+        package_bundle(bundle, out)
+    assert not out.exists(), "nothing is written for a refused bundle"
+    weights.write_bytes(good)
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not part of the bundle")
+    for link, target in [(bundle / "docs" / "notes.txt", outside / "secret.txt"), (bundle / "extra", outside)]:
+        link.symlink_to(target)
+        with pytest.raises(ValueError, match=f"{link} is a symbolic link to {target}, outside the bundle"):
+            package_bundle(bundle, out)
+        link.unlink()
+    (bundle / "docs" / "inside.md").symlink_to(bundle / "docs" / "README.md")  # a link within the bundle is fine
+    result = package_bundle(bundle, out)
+    assert f"{NAME}/docs/inside.md" in result["files"]
+    with zipfile.ZipFile(result["zip"]) as zf:
+        assert zf.read(f"{NAME}/models/model.pt") == good
+        assert not any("secret" in n or "extra" in n for n in zf.namelist())

@@ -1,7 +1,7 @@
 """monai-relkd: relation-based knowledge distillation for medical image segmentation.
 
 ``import monai_relkd`` loads what serving a student needs — ``networks``, ``losses``, ``config``, ``data``,
-``metadata``, ``bundle_support`` — and registers them in ``sys.modules`` under names starting with ``monai``, so
+``metadata``, ``bundle_support``, ``inference`` — and registers them in ``sys.modules`` under names starting with ``monai``, so
 MONAI's bundle ``ComponentLocator`` also resolves their short names. The training and tooling subpackages
 (``engines``, which needs pytorch-ignite; ``evaluation``, ``reports``, ``profiling``, ``release``, ``demo``,
 ``cli``) are imported on first use (``monai_relkd.engines`` in a config expression imports it), so inference and
@@ -16,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from . import bundle_support, config, data, losses, metadata, networks  # noqa: E402,F401  (registers the components)
+from . import bundle_support, config, data, inference, losses, metadata, networks  # noqa: E402,F401  (registers the components)
 
 #: subpackages imported on first attribute access (they pull ignite, tensorboard, matplotlib, ...)
 LAZY_SUBMODULES = ("engines", "evaluation", "reports", "profiling", "release", "demo", "cli", "nnunet")

@@ -12,11 +12,21 @@ Each sub-command is a plain function that lives beside the code it drives; this 
     relkd demo [--out relkd_demo]
 
 ``relkd COMMAND --help`` prints the arguments of one command.
+
+A user error (bad data, missing file, invalid argument or config) prints one line ``relkd <command>: error: ...``
+(details, e.g. the list of bad cases, on the lines after it) and exits with status 2; ``--debug`` (anywhere on the
+command line) shows the traceback instead. Any other exception is a bug: one line, status 1, traceback with
+``--debug``.
 """
 
 from __future__ import annotations
 
+import sys
+
 import fire
+
+#: exception types that are the user's to fix (their message says how); everything else is a bug.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError, LookupError, RuntimeError)
 
 
 def commands() -> dict:
@@ -41,9 +51,30 @@ def commands() -> dict:
     }
 
 
-def main() -> None:
-    """Entry point of the ``relkd`` console script."""
-    fire.Fire(commands(), name="relkd")
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``relkd`` console script (see the module docstring for errors and exit codes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        fire.Fire(commands(), command=argv, name="relkd")
+    except fire.core.FireExit:
+        raise
+    except Exception as e:
+        if debug:
+            raise
+        text = (e.args[0] if isinstance(e, KeyError) and e.args else str(e)) or type(e).__name__
+        label = "error" if isinstance(e, USER_ERRORS) else f"internal error ({type(e).__name__}; please report it)"
+        print(f"relkd {command}: {label}: {text}".rstrip(), file=sys.stderr)
+        if not isinstance(e, USER_ERRORS):
+            print("run again with --debug for the traceback.", file=sys.stderr)
+        sys.exit(2 if isinstance(e, USER_ERRORS) else 1)
+    except SystemExit as e:  # e.g. monai_relkd.inference.InferenceFailed: its message is already the cause
+        if debug or e.code in (None, 0) or isinstance(e.code, int):
+            raise
+        print(f"relkd {command}: error: {e.code}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from monai_relkd.data._io import atomic_write, atomic_write_bytes, atomic_write_text
+from monai_relkd.inference import load_checked_weights
 
 __all__ = ["package_bundle", "package_command", "WEIGHTS", "EXCLUDED_DIRS"]
 
@@ -78,16 +80,31 @@ def _large_files_yml(entry: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _check_links(bundle_dir: Path, files: list[str]) -> None:
+    """Refuse a packaged file, or a folder the zip would cover, that is a symbolic link leading out of the bundle."""
+    candidates = [bundle_dir / rel for rel in files]
+    for root, dirs, _ in os.walk(bundle_dir):  # os.walk does not enter linked folders: check them here
+        dirs[:] = [d for d in dirs if d not in EXCLUDED_DIRS and not d.startswith(".")]
+        candidates += [Path(root) / d for d in dirs]
+    for path in candidates:
+        for parent in [path, *path.parents]:
+            if parent == bundle_dir:
+                break
+            if parent.is_symlink() and not parent.resolve().is_relative_to(bundle_dir):
+                raise ValueError(
+                    f"{parent} is a symbolic link to {parent.resolve()}, outside the bundle {bundle_dir}: a release "
+                    "must not pick up files from elsewhere. Copy them into the bundle, or remove the link."
+                )
+
+
+def _network_of(bundle_dir: Path) -> Any:
+    """The bundle's ``network_def`` from ``configs/inference.json`` (built on CPU, no weights)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle_dir)
+    return parser.get_parsed_content("network_def", instantiate=True)
 
 
 def _join_url(base_url: str, name: str) -> str:
@@ -121,6 +138,9 @@ def package_bundle(
 
     Raises:
         FileNotFoundError: ``include_weights`` and no ``models/model.pt`` (the message says how to train one).
+        monai_relkd.inference.WeightsError: ``models/model.pt`` does not load with ``weights_only=True`` (truncated,
+            corrupt) or does not match the bundle's ``network_def``.
+        ValueError: a file of the bundle is a symbolic link leading out of it.
         ValueError: ``include_weights=False`` without ``base_url``.
         monai_relkd.metadata.BundleMetadataError: invalid ``configs/metadata.json``.
     """
@@ -147,6 +167,11 @@ def package_bundle(
             "large_files.yml (e.g. https://github.com/OWNER/REPO/releases/download/TAG)."
         )
 
+    files = _release_files(bundle, include_weights)
+    _check_links(bundle, files + [WEIGHTS])
+    # refuse a truncated/corrupt model.pt or one of another network (torch.load with weights_only=True)
+    load_checked_weights(weights, _network_of(bundle))
+
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     zip_path = out / f"{release}.zip"
@@ -163,10 +188,8 @@ def package_bundle(
     entry.update(hash_val=weights_sha256, hash_type="sha256")
     large_files = _large_files_yml(entry)
 
-    files = _release_files(bundle, include_weights)
-
-    def write_zip(tmp: Path) -> None:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+    def write_zip(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
             def add(arcname: str, data: bytes) -> None:
                 info = zipfile.ZipInfo(f"{name}/{arcname}", date_time=_ZIP_DATE)
                 info.compress_type = zipfile.ZIP_DEFLATED
@@ -176,9 +199,9 @@ def package_bundle(
             for rel in sorted(files + ["large_files.yml"]):
                 add(rel, large_files.encode() if rel == "large_files.yml" else (bundle / rel).read_bytes())
 
-    _write_atomic(zip_path, write_zip)
+    atomic_write(zip_path, write_zip)
     if weights_out is not None:
-        _write_atomic(weights_out, lambda tmp: tmp.write_bytes(weights.read_bytes()))
+        atomic_write_bytes(weights_out, weights.read_bytes())
 
     # model_info.json as MONAI reads it: monai.bundle.scripts._get_all_bundles_info (1.6.1, any tag but
     # "hosting_storage_v1") loads https://raw.githubusercontent.com/<owner>/<repo>/<tag>/models/model_info.json,
@@ -194,7 +217,7 @@ def package_bundle(
         with open(info_path) as f:
             model_info = json.load(f)
     model_info[release] = {"checksum": sha1, "source": source}
-    _write_atomic(info_path, lambda tmp: tmp.write_text(json.dumps(model_info, indent=4, sort_keys=True) + "\n"))
+    atomic_write_text(info_path, json.dumps(model_info, indent=4, sort_keys=True) + "\n")
 
     return {
         "name": name,

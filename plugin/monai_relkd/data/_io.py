@@ -1,31 +1,54 @@
-"""Small file-writing helpers shared by the data modules: atomic writes and byte-reproducible NIfTI."""
+"""The one file-writing helper of the package: atomic writes (data sets, datalists, checkpoints) and byte-reproducible
+NIfTI."""
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import gzip
 import json
 import os
 import tempfile
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "nifti_bytes", "write_nifti"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_torch_save", "remove_stale_temporaries", "SLOW_WRITE_ENV",
+           "atomic_write_text", "atomic_write_json", "nifti_bytes", "write_nifti"]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
+#: Fault injection for tests and ``tools/reliability_check``: ``"<seconds>[:<glob>]"`` makes every atomic write (of
+#: files whose name matches ``glob``, default all) pause that long after writing half of the data to the temporary
+#: file, so that a kill can be aimed at a write in progress. Never set it outside tests.
+SLOW_WRITE_ENV = "MONAI_RELKD_FAULT_SLOW_WRITE"
 
-    Readers never see a half-written file, and an interrupted write leaves the previous file (if any) intact.
-    The parent folder is created when missing. Returns the path written.
+
+def _fault_pause(path: Path) -> None:
+    spec = os.environ.get(SLOW_WRITE_ENV)
+    if not spec:
+        return
+    seconds, _, pattern = spec.partition(":")
+    if not pattern or fnmatch.fnmatch(path.name, pattern):
+        time.sleep(float(seconds))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temporary file in ``path``'s folder, fsync it, then ``os.replace`` it onto ``path``.
+
+    Readers never see a half-written file, and an interrupted write (exception, kill, power loss) leaves the
+    previous file (if any) intact: the old file is never deleted before its successor is complete. A kill can leave
+    a ``.<name>.*.tmp`` file beside ``path`` (see :func:`remove_stale_temporaries`). The parent folder is created
+    when missing and fsynced after the rename. Returns the path written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -36,7 +59,64 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not supported on this platform / file system
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`). Returns the path written."""
+    path = Path(path)
+
+    def write(f: BinaryIO) -> None:
+        half = len(data) // 2
+        f.write(data[:half])
+        _fault_pause(path)
+        f.write(data[half:])
+
+    return atomic_write(path, write)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> bytes:
+    """``torch.save(obj)`` to ``path`` atomically; returns the bytes written (e.g. to hash them)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return data
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files that an interrupted :func:`atomic_write` of ``folder/<name>`` left behind.
+
+    Only call it while no other process writes to ``folder`` (e.g. under a training lock). Returns what was removed.
+    """
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        for tmp in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

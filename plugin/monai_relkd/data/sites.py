@@ -17,9 +17,10 @@ mapping belongs to the loading transforms (threshold ``label > 0``, e.g. ``AsDis
 threshold=0.5)`` or ``Lambdad(keys="label", func=lambda x: x > 0)``), never to the files on disk.
 
 Every case is checked (readable files, matching shape and affine, 3-D, finite intensities, non-empty label,
-known label values). A bad case is reported in one line naming its file and the problem and left out; with
-``strict=True`` any problem is an error listing all of them. Conditions that make training meaningless (root
-missing, no site, unknown held-out site, a site with no usable case) always raise :class:`DataError`. The data
+known label values). A bad case is reported in one line naming its file and the problem and left out, and a site
+left with no usable case is reported and left out too; with ``strict=True`` any problem is an error listing all of
+them. Conditions that make training meaningless (root missing, no site, no usable case at all, unknown held-out
+site, a held-out site or all training sites without a usable case) always raise :class:`DataError`. The data
 folder is only ever opened for reading.
 
 Library API::
@@ -150,6 +151,10 @@ class ScanResult:
         for c in self.cases:
             out.setdefault(c.site, []).append(c)
         return out
+
+    def empty_sites(self) -> list[str]:
+        """Sites found with no usable case: reported and left out of every datalist."""
+        return [s for s, cs in self.by_site().items() if not cs]
 
     def summary(self) -> str:
         """A per-site table: usable cases, cases left out, label values, in-plane spacing, slice thickness."""
@@ -333,6 +338,7 @@ def scan_sites(
     sites: Sequence[str] | None = None,
     affine_atol: float = 1e-3,
     check_intensities: bool = True,
+    log_problems: bool = True,
 ) -> ScanResult:
     """Find, pair and validate every case under ``root``.
 
@@ -343,13 +349,14 @@ def scan_sites(
         sites: only read these site folders (default: every site found, see :func:`find_site_dirs`).
         affine_atol: largest element-wise difference (mm) tolerated between image and label affines.
         check_intensities: read float image data to reject NaN/Inf intensities (headers only when ``False``).
+        log_problems: log each problem and each site left out as a warning (``relkd datalist`` prints them itself).
 
     Returns:
         :class:`ScanResult` with ``cases`` (sorted by site order, then case number) and ``problems``.
 
     Raises:
-        DataError: root missing, no site found, a requested site missing, a site left with no usable case,
-            or (``strict``) any problem.
+        DataError: root missing, no site found, a requested site missing, no usable case at all, or (``strict``)
+            any problem. A site with no usable case is only reported (:meth:`ScanResult.empty_sites`) and left out.
     """
     root_path = Path(root).expanduser().resolve()
     site_dirs = find_site_dirs(root_path)
@@ -375,20 +382,20 @@ def scan_sites(
             result.problems.extend(probs)
             if rec is not None:
                 result.cases.append(rec)
-    for p in result.problems:
+    for p in result.problems if log_problems and not strict else ():
         logger.warning("left out %s", p)
     if strict and result.problems:
         raise DataError(
             f"{len(result.problems)} problem(s) under {str(root_path)!r} (strict mode):\n"
             + "\n".join(f"  {p}" for p in result.problems)
         )
-    empty = [s for s, cs in result.by_site().items() if not cs]
-    if empty:
-        details = "\n".join(f"  {p}" for p in result.problems if p.site in empty)
-        raise DataError(
-            f"site(s) {', '.join(empty)} under {str(root_path)!r} have no usable case"
-            + (f":\n{details}" if details else " (no CaseNN.nii.gz files)")
-        )
+    for site in result.empty_sites() if log_problems and not strict else ():
+        reasons = sum(p.site == site for p in result.problems)
+        logger.warning("site %s under %r has no usable case (%s) and is left out.", site, str(root_path),
+                       f"{reasons} case(s) with problems, listed above" if reasons else "no CaseNN.nii.gz files")
+    if not result.cases:
+        raise DataError(f"no usable case under {str(root_path)!r}" + (
+            ":\n" + "\n".join(f"  {p}" for p in result.problems) if result.problems else ""))
     return result
 
 
@@ -461,7 +468,9 @@ def make_datalist(
             (validation if i in val_idx else training).append(c.datalist_item())
     test = [c.datalist_item() for c in sorted(by_site[test_site], key=lambda c: _case_sort_key(c.case))]
     if not test:
-        raise DataError(f"held-out site {test_site!r} has no usable case")
+        reasons = [p for p in cases.problems if p.site == test_site] if isinstance(cases, ScanResult) else []
+        raise DataError(f"held-out site {test_site!r} has no usable case" + (
+            ":\n" + "\n".join(f"  {p}" for p in reasons) if reasons else ""))
     if not training:
         raise DataError(f"no training case left when holding out {test_site!r} (sites: {', '.join(sites)})")
     return {
@@ -470,7 +479,7 @@ def make_datalist(
         "test": test,
         "meta": {
             "test_site": test_site,
-            "training_sites": [s for s in sites if s != test_site],
+            "training_sites": [s for s in sites if s != test_site and by_site[s]],
             "val_fraction": float(val_fraction),
             "seed": int(seed),
             "root": root,
@@ -486,7 +495,7 @@ def make_all_folds(
     """One :func:`make_datalist` per site held out, keyed by the held-out site."""
     recs, sites, root = _as_cases(cases)
     scan = ScanResult(root=root or "", sites=sites, cases=recs)
-    return {s: make_datalist(scan, s, val_fraction=val_fraction, seed=seed) for s in sites}
+    return {s: make_datalist(scan, s, val_fraction=val_fraction, seed=seed) for s in sites if s not in scan.empty_sites()}
 
 
 def write_datalist(datalist: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -525,8 +534,9 @@ def datalist_command(
         out: output JSON file, or the output folder with ``all_folds``.
         val_fraction: fraction of each training site used for validation.
         seed: seed of the validation draw.
-        all_folds: write one datalist per held-out site, ``datalist_<SITE>.json`` in ``out``.
-        strict: fail on any bad case instead of leaving it out.
+        all_folds: write one datalist per held-out site, ``datalist_<SITE>.json`` in ``out`` (sites with no usable
+            case are left out).
+        strict: fail on any bad case (or site without a usable case) instead of leaving it out.
         allowed_labels: label values a segmentation may hold.
 
     Returns:
@@ -542,13 +552,15 @@ def datalist_command(
     out_path = Path(out).expanduser().resolve()
     if root_path.exists() and _is_within(out_path, root_path):
         raise DataError(f"refusing to write {str(out_path)!r} inside the data folder {str(root_path)!r}")
-    scan = scan_sites(root_path, strict=strict, allowed_labels=allowed_labels)
+    scan = scan_sites(root_path, strict=strict, allowed_labels=allowed_labels, log_problems=False)
     print(f"data root: {scan.root}")
     print(scan.summary())
     if scan.problems:
         print(f"{len(scan.problems)} case(s) left out:")
         for p in scan.problems:
             print(f"  {p}")
+    for site in scan.empty_sites():
+        print(f"site {site} left out: no usable case (use --strict to stop instead)")
     if all_folds:
         if out_path.exists() and not out_path.is_dir():
             raise DataError(f"--all-folds needs --out to be a folder, {str(out_path)!r} is a file")

@@ -1,5 +1,15 @@
-"""Engines: feature taps (forward hooks by module name), the teacher loader and ``DistillationTrainer``."""
+"""Engines: feature taps (forward hooks by module name), the teacher loader, ``DistillationTrainer`` and the checkpoint,
+resume and lock handlers."""
 
+from .checkpoint import (
+    AtomicSaver,
+    BestModelCheckpoint,
+    RandomStates,
+    TrainingLock,
+    TrainingLockedError,
+    TrainingStateCheckpoint,
+    read_model_record,
+)
 from .msan import TeacherAlignmentLoader, load_alignment_network, load_msan_weights, pretrain_teacher_msan
 from .taps import FeatureTaps, unwrap_module
 from .teacher import freeze, load_teacher, strip_wrappers, teacher_required
@@ -23,6 +33,13 @@ __all__ = [
     "LOSS_TERM_KEYS",
     "loss_terms_from_engine",
     "distillation_parameters",
+    "AtomicSaver",
+    "BestModelCheckpoint",
+    "TrainingStateCheckpoint",
+    "TrainingLock",
+    "TrainingLockedError",
+    "RandomStates",
+    "read_model_record",
     "pretrain_teacher_msan",
     "load_alignment_network",
     "load_msan_weights",
