@@ -1,5 +1,6 @@
 """Engines: feature taps (forward hooks by module name), the teacher loader and ``DistillationTrainer``."""
 
+from .cache import TeacherOutputCache
 from .taps import FeatureTaps, unwrap_module
 from .teacher import freeze, load_teacher, strip_wrappers, teacher_required
 from .trainer import (
@@ -11,6 +12,7 @@ from .trainer import (
 )
 
 __all__ = [
+    "TeacherOutputCache",
     "FeatureTaps",
     "unwrap_module",
     "load_teacher",
