@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -389,9 +390,11 @@ def run(s: Settings) -> list[dict[str, Any]]:
                     dist = {**defaults, **{k.split("#", 1)[1]: v for k, v in extra.items()
                                            if k.startswith("distillation#")}}
                 progress.line(f"{fold} seed {seed} | {row} ({network}): training {settings['steps']} steps")
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
                 result = run_cell(s, bundle, common, cell_dir, {**extra, **s.extra})
                 record = _record(fold, seed, row, network, result, dist, time.perf_counter() - t)
+                end = resource.getrusage(resource.RUSAGE_SELF)
+                record["cpu_seconds"] = round(end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)
                 atomic_write_json(cell_dir / "cell.json", {
                     "record": record, "curve": result["curve"], "held_out": result["held_out"],
                     "settings": settings, "overrides": {**extra, **s.extra}, "cache": result["cache"],
