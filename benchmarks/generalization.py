@@ -218,24 +218,26 @@ class _HeldOut:
     checkpoint choice.
     """
 
-    def __init__(self, parser: Any, last_k: int) -> None:
+    def __init__(self, parser: Any, last_k: int, held_out: bool = True) -> None:
         from monai.data import CacheDataset, DataLoader
         from monai.engines import SupervisedEvaluator
         from monai.handlers import MeanDice, from_engine
 
         self.trainer = parser.get_parsed_content("train#trainer")
         self.validator = parser.get_parsed_content("validate#evaluator")
-        cases = parser.get_parsed_content("datalist")["test"]
-        self.case_ids = [f"{c.get('site', '')}/{c.get('case', Path(str(c['image'])).name)}" for c in cases]
-        dataset = CacheDataset(cases, transform=parser.get_parsed_content("validate#preprocessing"), cache_rate=1.0,
-                               num_workers=0, progress=False)
-        self.evaluator = SupervisedEvaluator(
-            device=parser.get_parsed_content("device"), val_data_loader=DataLoader(dataset, batch_size=1),
-            network=parser.get_parsed_content("network"), inferer=parser.get_parsed_content("validate#inferer"),
-            postprocessing=parser.get_parsed_content("validate#postprocessing"),
-            key_val_metric={"dice": MeanDice(include_background=False, save_details=True,
-                                             output_transform=from_engine(["pred", "label"]))})
-        self.last_k = last_k
+        self.last_k = last_k if held_out else 0
+        self.evaluator: Any = None
+        if held_out:
+            cases = parser.get_parsed_content("datalist")["test"]
+            self.case_ids = [f"{c.get('site', '')}/{c.get('case', Path(str(c['image'])).name)}" for c in cases]
+            dataset = CacheDataset(cases, transform=parser.get_parsed_content("validate#preprocessing"),
+                                   cache_rate=1.0, num_workers=0, progress=False)
+            self.evaluator = SupervisedEvaluator(
+                device=parser.get_parsed_content("device"), val_data_loader=DataLoader(dataset, batch_size=1),
+                network=parser.get_parsed_content("network"), inferer=parser.get_parsed_content("validate#inferer"),
+                postprocessing=parser.get_parsed_content("validate#postprocessing"),
+                key_val_metric={"dice": MeanDice(include_background=False, save_details=True,
+                                                 output_transform=from_engine(["pred", "label"]))})
         self.curve: list[tuple[int, float]] = []
         self.held_out: list[dict[str, Any]] = []
         from ignite.engine import Events
@@ -245,15 +247,18 @@ class _HeldOut:
     def _after_validation(self, _validator: Any) -> None:
         step = int(self.trainer.state.iteration)
         self.curve.append((step, float(self.validator.state.metrics["val_mean_dice"])))
-        if self.trainer.state.epoch > self.trainer.state.max_epochs - self.last_k:
+        if self.last_k and self.trainer.state.epoch > self.trainer.state.max_epochs - self.last_k:
             self.evaluator.run()
             per_case = self.evaluator.state.metric_details["dice"].reshape(len(self.case_ids), -1).mean(1)
             self.held_out.append({"step": step, "dice": float(self.evaluator.state.metrics["dice"]),
                                   "per_case": dict(zip(self.case_ids, [float(v) for v in per_case]))})
 
 
-def run_cell(s: Settings, bundle: Path, common: dict[str, Any], cell_dir: Path, extra: dict[str, Any]) -> dict:
-    """Train one model with the bundle's ``train.json`` and return its held-out evaluations and curve."""
+def run_cell(s: Settings, bundle: Path, common: dict[str, Any], cell_dir: Path, extra: dict[str, Any],
+             held_out: bool = True) -> dict:
+    """Train one model with the bundle's ``train.json`` and return its held-out evaluations and curve.
+
+    With ``held_out=False`` the held-out site is never predicted (the tuning script's runs)."""
     from monai.bundle import ConfigWorkflow
 
     override = {**common, **extra, "ckpt_dir": str(cell_dir / "models"), "output_dir": str(cell_dir / "eval"),
@@ -263,7 +268,7 @@ def run_cell(s: Settings, bundle: Path, common: dict[str, Any], cell_dir: Path, 
                               run_id="training", workflow_type=None, bundle_root=str(bundle), **override)
     workflow.initialize()
     try:
-        probe = _HeldOut(workflow.parser, s.last_k)
+        probe = _HeldOut(workflow.parser, s.last_k, held_out=held_out)
         workflow.run()
     finally:
         workflow.finalize()

@@ -45,8 +45,8 @@ def _time(step: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, fl
 
 
 def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int = 2, student: str = "enet",
-         threads: int | None = None) -> dict[str, float]:
-    """Time one optimizer step of each kind; returns ``{kind: median seconds}``."""
+         threads: int | None = None) -> None:
+    """Time one optimizer step of each kind and print the medians."""
     if threads:
         torch.set_num_threads(int(threads))
     cfg = json.loads((BUNDLES / f"prostate_mri_student_{student}" / "configs" / "train.json").read_text())
@@ -108,12 +108,9 @@ def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int =
     }
     print(f"image {image_size}x{image_size}, {batch} slices per step, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; median [IQR] of {repeats} steps after {warmup} warm-up", flush=True)
-    out = {}
     for kind, fn in kinds.items():
         med, q1, q3 = _time(fn, warmup, repeats)
-        out[kind] = med
         print(f"  {kind:40s} {med:6.3f} s  [{q1:.3f}-{q3:.3f}]", flush=True)
-    return out
 
 
 if __name__ == "__main__":
