@@ -127,6 +127,7 @@ class Settings:
     batch_size: int
     num_samples: int
     cache: bool = True
+    teacher_seed: int | None = None
     data: str | None = None
     data_seed: int = 0
     bundles: str | None = None
@@ -136,10 +137,17 @@ class Settings:
     def cell_settings(self, row: str) -> dict[str, Any]:
         """What a cell's result depends on (a cell is re-run when this changes)."""
         steps = self.teacher_steps if row == "teacher" else self.student_steps
-        return {"scale": self.scale, "size": self.size, "image_size": self.image_size, "steps": steps,
-                "val_every": self.val_every, "last_k": self.last_k, "batch_size": self.batch_size,
-                "num_samples": self.num_samples, "cache": self.cache and row != "teacher", "data": self.data,
-                "data_seed": self.data_seed}
+        out = {"scale": self.scale, "size": self.size, "image_size": self.image_size, "steps": steps,
+               "val_every": self.val_every, "last_k": self.last_k, "batch_size": self.batch_size,
+               "num_samples": self.num_samples, "cache": self.cache and row != "teacher", "data": self.data,
+               "data_seed": self.data_seed}
+        if self.teacher_seed is not None and row != "teacher":
+            out["teacher_seed"] = self.teacher_seed
+        return out
+
+    def teacher_seeds(self) -> list[int]:
+        """The seeds a teacher is trained for: every seed, or ``teacher_seed`` alone (shared by all seeds)."""
+        return list(self.seeds) if self.teacher_seed is None else [self.teacher_seed]
 
 
 def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
@@ -183,7 +191,8 @@ def estimate_seconds(s: Settings) -> float:
         kind = "no_kd" if ROWS[row][1] == LAMBDAS else "kd"
         per_cell[row] = s.student_steps * _STEP_S[kind] * f + evals_s * _EVAL_S["student"]
     rows = set(s.rows) | ({"teacher"} if any(r != "teacher" and ROWS[r][1] != LAMBDAS for r in s.rows) else set())
-    return sum(per_cell[r] for r in rows) * len(s.folds) * len(s.seeds)
+    teachers = per_cell["teacher"] * len(s.folds) * len(s.teacher_seeds()) if "teacher" in rows else 0.0
+    return teachers + sum(per_cell[r] for r in rows - {"teacher"}) * len(s.folds) * len(s.seeds)
 
 
 class Progress:
@@ -356,7 +365,10 @@ def run(s: Settings) -> list[dict[str, Any]]:
     s.out.mkdir(parents=True, exist_ok=True)
     needs_teacher = any(r != "teacher" and ROWS[r][1] != LAMBDAS for r in s.rows)
     rows = (["teacher"] if "teacher" in s.rows or needs_teacher else []) + [r for r in ROWS if r in s.rows]
-    plan = [(f, sd, r) for f in s.folds for sd in s.seeds for r in rows]
+    seeds = s.seeds if s.teacher_seed is None else [s.teacher_seed] + [x for x in s.seeds if x != s.teacher_seed]
+    plan = [(f, sd, r) for f in s.folds for sd in seeds for r in rows
+            if r != "teacher" or sd in s.teacher_seeds()]
+    plan = [c for c in plan if c[2] == "teacher" or c[1] in s.seeds]
     todo = [c for c in plan if s.force or _done(s.out / "cells" / f"{c[0]}_seed{c[1]}" / c[2], s.cell_settings(c[2]))
             is None]
     print(f"generalization: folds {s.folds}, seeds {s.seeds}, rows {rows}; students {s.student_steps} / teacher "
@@ -367,7 +379,7 @@ def run(s: Settings) -> list[dict[str, Any]]:
     progress = Progress(len(todo))
     data_dir = prepare_data(s)
     for fold in s.folds:
-        for seed in s.seeds:
+        for seed in seeds:
             fs_dir = s.out / "cells" / f"{fold}_seed{seed}"
             fs_dir.mkdir(parents=True, exist_ok=True)
             datalist_path = fs_dir / "datalist.json"
@@ -375,8 +387,11 @@ def run(s: Settings) -> list[dict[str, Any]]:
             common = {"dataset_dir": str(data_dir), "datalist_file": str(datalist_path), "test_site": fold,
                       "seed": seed, "image_size": s.image_size, "num_samples": s.num_samples,
                       "batch_size": s.batch_size, "num_workers": 0, "val_every_steps": s.val_every}
-            teacher_ckpt = str(fs_dir / "teacher" / "models" / "model.pt")
+            t_seed = seed if s.teacher_seed is None else s.teacher_seed
+            teacher_ckpt = str(s.out / "cells" / f"{fold}_seed{t_seed}" / "teacher" / "models" / "model.pt")
             for row in rows:
+                if (fold, seed, row) not in plan:
+                    continue
                 cell_dir, settings = fs_dir / row, s.cell_settings(row)
                 if not s.force and _done(cell_dir, settings) is not None:
                     continue
@@ -411,7 +426,9 @@ def run(s: Settings) -> list[dict[str, Any]]:
                 progress.line(f"{fold} seed {seed} | {row}: held-out Dice {score} (last {s.last_k} evaluations), "
                               f"{record['seconds'] / 60:.1f} min; {result['cache'] or ''}")
                 write_outputs(s, [(fold, seed)])
-            TeacherOutputCache.release(teacher_ckpt)
+            if s.teacher_seed is None:
+                TeacherOutputCache.release(teacher_ckpt)
+        TeacherOutputCache.release()
     records = write_outputs(s, [(f, sd) for f in s.folds for sd in s.seeds])
     print(f"generalization: done in {(time.perf_counter() - progress.start) / 60:.1f} min; "
           f"{s.out / 'results.json'}, {s.out / 'report.md'}", flush=True)
@@ -422,7 +439,8 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
          seeds: str | None = None, rows: str | None = None, scale: float | None = None, size: int | None = None,
          image_size: int | None = None, student_steps: int | None = None, teacher_steps: int | None = None,
          val_every: int | None = None, last_k: int | None = None, batch_size: int | None = None,
-         num_samples: int | None = None, cache: bool = True, data: str | None = None, data_seed: int = 0,
+         num_samples: int | None = None, cache: bool = True, teacher_seed: int | None = None,
+         data: str | None = None, data_seed: int = 0,
          bundles: str | None = None, force: bool = False, dry_run: bool = False) -> None:
     """Run the benchmark (see the module docstring); ``--dry_run`` prints the plan and the estimate only.
 
@@ -438,13 +456,17 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
         batch_size, num_samples: slices per step; slices drawn per volume.
         cache: students read the teacher through a TeacherOutputCache (the teacher sees the slice before intensity
             augmentation); False runs the teacher live on the student's own input.
+        teacher_seed: train one teacher per fold, with this seed (and its split), and distil every seed's students
+            from it (default: one teacher per fold and seed). The teacher then has seen some training-site cases that
+            other seeds hold out for validation; the held-out site, and so the score, is unaffected.
         data: a six-site data folder instead of the synthetic set; data_seed: seed of the synthetic set.
         bundles: folder holding the bundles. force: re-run finished cells.
     """
     s = make_settings(out, quick=quick, folds=folds, seeds=seeds, rows=rows, scale=scale, size=size,
                       image_size=image_size, student_steps=student_steps, teacher_steps=teacher_steps,
                       val_every=val_every, last_k=last_k, batch_size=batch_size, num_samples=num_samples,
-                      cache=cache, data=data, data_seed=data_seed, bundles=bundles, force=force)
+                      cache=cache, teacher_seed=teacher_seed, data=data, data_seed=data_seed, bundles=bundles,
+                      force=force)
     if dry_run:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()}, indent=1))
         print(f"rough estimate: {estimate_seconds(s) / 60:.0f} min on 2 CPU cores")
