@@ -251,13 +251,25 @@ class _HeldOut:
         self.held_out: list[dict[str, Any]] = []
         from ignite.engine import Events
 
+        #: wall-clock seconds spent in validation and in held-out evaluation (the rest of the run is training)
+        self.timing = {"validation_s": 0.0, "held_out_s": 0.0, "validations": 0, "held_out_evaluations": 0}
+        self._t0 = 0.0
+        self.validator.add_event_handler(Events.STARTED, self._before_validation)
         self.validator.add_event_handler(Events.EPOCH_COMPLETED, self._after_validation)
 
+    def _before_validation(self, _validator: Any) -> None:
+        self._t0 = time.perf_counter()
+
     def _after_validation(self, _validator: Any) -> None:
+        self.timing["validation_s"] += time.perf_counter() - self._t0
+        self.timing["validations"] += 1
         step = int(self.trainer.state.iteration)
         self.curve.append((step, float(self.validator.state.metrics["val_mean_dice"])))
         if self.last_k and self.trainer.state.epoch > self.trainer.state.max_epochs - self.last_k:
+            t = time.perf_counter()
             self.evaluator.run()
+            self.timing["held_out_s"] += time.perf_counter() - t
+            self.timing["held_out_evaluations"] += 1
             per_case = self.evaluator.state.metric_details["dice"].reshape(len(self.case_ids), -1).mean(1)
             self.held_out.append({"step": step, "dice": float(self.evaluator.state.metrics["dice"]),
                                   "per_case": dict(zip(self.case_ids, [float(v) for v in per_case]))})
@@ -278,12 +290,17 @@ def run_cell(s: Settings, bundle: Path, common: dict[str, Any], cell_dir: Path, 
     workflow.initialize()
     try:
         probe = _HeldOut(workflow.parser, s.last_k, held_out=held_out)
+        t = time.perf_counter()
         workflow.run()
+        probe.timing["run_s"] = time.perf_counter() - t
     finally:
         workflow.finalize()
     cache = workflow.parser.get_parsed_content("teacher_cache") if "teacher_cache" in workflow.parser else None
+    timing = {k: round(v, 2) for k, v in probe.timing.items()}
+    if "run_s" in timing:
+        timing["train_s"] = round(timing["run_s"] - timing["validation_s"] - timing["held_out_s"], 2)
     return {"curve": probe.curve, "held_out": probe.held_out, "steps": int(probe.trainer.state.iteration),
-            "cache": repr(cache) if cache is not None else None}
+            "cache": repr(cache) if cache is not None else None, "timing": timing}
 
 
 def _record(fold: str, seed: int, row: str, network: str, result: dict, dist: dict[str, Any] | None,
@@ -418,6 +435,7 @@ def run(s: Settings) -> list[dict[str, Any]]:
                 atomic_write_json(cell_dir / "cell.json", {
                     "record": record, "curve": result["curve"], "held_out": result["held_out"],
                     "settings": settings, "overrides": {**extra, **s.extra}, "cache": result["cache"],
+                    "timing": result["timing"], "load_average": os.getloadavg(),
                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "machine": {"python": platform.python_version(), "platform": platform.platform(),
                                 "cpus": os.cpu_count()}})
