@@ -45,6 +45,11 @@ benchmark resumes where it stopped. Examples::
     python benchmarks/generalization.py --quick --out /tmp/loso_smoke          # CI-size smoke run (about a minute)
     python benchmarks/generalization.py --rows full_minus_aa,full_minus_km --seeds 0 --out /work/runs/loso
     python benchmarks/generalization.py --dry_run                                 # the plan and a time estimate
+    python benchmarks/generalization.py --teacher_seed 0 --out /work/runs/loso    # one teacher per fold
+
+Each ``cell.json`` records where the cell's time went (``timing``: training, validation and held-out evaluation
+seconds, with their counts) and the machine's load average, so the first cells of a run tell how long the rest
+will take (the progress line's estimate does the same).
 """
 
 from __future__ import annotations
