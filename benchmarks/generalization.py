@@ -24,7 +24,7 @@ Schedule (optimizer steps of ``batch_size`` slices, poly LR, see the bundles' mo
 ``val_every`` steps. The held-out site is never used for any choice: it is evaluated (Dice per case at the networks'
 resolution, ``image_size``) at each of the last ``last_k`` validations, and the **score** of a cell is the mean
 held-out Dice over those ``last_k`` evaluations (declared in ``docs/results.md``). Distilled students read the
-teacher through a :class:`monai_relkd.engines.TeacherOutputCache` shared by the rows of one (fold, seed), and the
+teacher through a :class:`monai_relkd.engines.TeacherOutputCache` shared by the rows of one fold, and the
 teacher sees the slice before intensity augmentation (``--cache False`` runs the teacher live on the student's own
 input, the bundles' default).
 
@@ -45,7 +45,7 @@ benchmark resumes where it stopped. Examples::
     python benchmarks/generalization.py --quick --out /tmp/loso_smoke          # CI-size smoke run (about a minute)
     python benchmarks/generalization.py --rows full_minus_aa,full_minus_km --seeds 0 --out /work/runs/loso
     python benchmarks/generalization.py --dry_run                                 # the plan and a time estimate
-    python benchmarks/generalization.py --teacher_seed 0 --out /work/runs/loso    # one teacher per fold
+    python benchmarks/generalization.py --teacher_seed each --out /work/runs/loso # a teacher per fold and seed
 
 Each ``cell.json`` records where the cell's time went (``timing``: training, validation and held-out evaluation
 seconds, with their counts) and the machine's load average, so the first cells of a run tell how long the rest
@@ -97,15 +97,19 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
 
 DEFAULTS: dict[str, Any] = dict(
     folds="HK,UCL,BMC", seeds="0,1,2", rows=",".join(STANDARD_ROWS), scale=1.0, size=96, image_size=64,
-    student_steps=800, teacher_steps=600, val_every=100, last_k=3, batch_size=16, num_samples=4,
+    student_steps=800, teacher_steps=600, val_every=100, last_k=3, batch_size=16, num_samples=4, teacher_seed=0,
 )
 QUICK: dict[str, Any] = dict(
     folds="HK", seeds="0", rows="teacher,no_kd,full", scale=0.15, size=32, image_size=32, student_steps=4,
-    teacher_steps=4, val_every=2, last_k=2, batch_size=4, num_samples=2,
+    teacher_steps=4, val_every=2, last_k=2, batch_size=4, num_samples=2, teacher_seed=0,
 )
-# seconds per optimizer step at 64x64, 16 slices, 2 cores (benchmarks/step_time.py) and per validation
-_STEP_S = {"teacher": 0.9, "no_kd": 0.15, "kd": 0.23}
-_EVAL_S = {"teacher": 15.0, "student": 4.0}
+# Seconds at 64x64, 16 slices per step, 2 CPU cores. Steps: benchmarks/step_time.py on a quiet machine (2026-12-04:
+# no KD 0.152, KD from the cache 0.230, teacher training step 0.90 = lower quartile, the median was disturbed by other
+# jobs). Validation / held-out evaluation and per-cell start-up (datasets, networks): estimates, not measured alone.
+_STEP_S = {"teacher": 0.9, "no_kd": 0.152, "kd": 0.23}
+_EVAL_S = {"teacher": 6.0, "student": 2.5}
+_CELL_S = 15.0
+_CACHE_FILL_S = 40.0  # the teacher's forward over every distinct training slice and flip, once per teacher
 
 
 def _csv(value: Any) -> list[str]:
@@ -166,6 +170,10 @@ def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
     if values.get("data") is None and [f for f in folds if f not in SITES]:
         raise ValueError(f"unknown fold(s) {[f for f in folds if f not in SITES]}; the sites are {list(SITES)}")
     seeds = [int(s) for s in _csv(values.pop("seeds"))]
+    if str(values.get("teacher_seed")).lower() in ("each", "none"):
+        values["teacher_seed"] = None  # one teacher per (fold, seed)
+    elif values.get("teacher_seed") is not None:
+        values["teacher_seed"] = int(values["teacher_seed"])
     if not rows or not folds or not seeds:
         raise ValueError("folds, seeds and rows must not be empty")
     s = Settings(out=Path(out).resolve(), folds=folds, seeds=seeds, rows=rows,
@@ -190,14 +198,17 @@ def row_overrides(row: str, defaults: dict[str, Any]) -> dict[str, Any]:
 def estimate_seconds(s: Settings) -> float:
     """Rough CPU estimate of the runs still to do, from measured per-step costs at 64x64 (scaled by pixels)."""
     f = (s.image_size / 64) ** 2 * (s.batch_size / 16)
-    evals_s, evals_t = -(-s.student_steps // s.val_every), -(-s.teacher_steps // s.val_every)
-    per_cell = {"teacher": s.teacher_steps * _STEP_S["teacher"] * f + evals_t * _EVAL_S["teacher"]}
+    evals_s = -(-s.student_steps // s.val_every) + s.last_k
+    evals_t = -(-s.teacher_steps // s.val_every) + s.last_k
+    per_cell = {"teacher": s.teacher_steps * _STEP_S["teacher"] * f + evals_t * _EVAL_S["teacher"] + _CELL_S}
     for row in ROWS:
         kind = "no_kd" if ROWS[row][1] == LAMBDAS else "kd"
-        per_cell[row] = s.student_steps * _STEP_S[kind] * f + evals_s * _EVAL_S["student"]
+        per_cell[row] = s.student_steps * _STEP_S[kind] * f + evals_s * _EVAL_S["student"] + _CELL_S
     rows = set(s.rows) | ({"teacher"} if any(r != "teacher" and ROWS[r][1] != LAMBDAS for r in s.rows) else set())
-    teachers = per_cell["teacher"] * len(s.folds) * len(s.teacher_seeds()) if "teacher" in rows else 0.0
-    return teachers + sum(per_cell[r] for r in rows - {"teacher"}) * len(s.folds) * len(s.seeds)
+    n_teachers = len(s.folds) * len(s.teacher_seeds())
+    teachers = per_cell["teacher"] * n_teachers if "teacher" in rows else 0.0
+    fill = _CACHE_FILL_S * f * n_teachers if s.cache and any(ROWS[r][1] != LAMBDAS for r in rows - {"teacher"}) else 0
+    return teachers + fill + sum(per_cell[r] for r in rows - {"teacher"}) * len(s.folds) * len(s.seeds)
 
 
 class Progress:
@@ -462,7 +473,7 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
          seeds: str | None = None, rows: str | None = None, scale: float | None = None, size: int | None = None,
          image_size: int | None = None, student_steps: int | None = None, teacher_steps: int | None = None,
          val_every: int | None = None, last_k: int | None = None, batch_size: int | None = None,
-         num_samples: int | None = None, cache: bool = True, teacher_seed: int | None = None,
+         num_samples: int | None = None, cache: bool = True, teacher_seed: int | str | None = None,
          data: str | None = None, data_seed: int = 0,
          bundles: str | None = None, force: bool = False, dry_run: bool = False) -> None:
     """Run the benchmark (see the module docstring); ``--dry_run`` prints the plan and the estimate only.
@@ -479,9 +490,9 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
         batch_size, num_samples: slices per step; slices drawn per volume.
         cache: students read the teacher through a TeacherOutputCache (the teacher sees the slice before intensity
             augmentation); False runs the teacher live on the student's own input.
-        teacher_seed: train one teacher per fold, with this seed (and its split), and distil every seed's students
-            from it (default: one teacher per fold and seed). The teacher then has seen some training-site cases that
-            other seeds hold out for validation; the held-out site, and so the score, is unaffected.
+        teacher_seed: one teacher per fold, trained with this seed (and its split), distils every seed's students
+            (default 0); ``each`` trains one teacher per (fold, seed). A shared teacher has seen some training-site
+            cases that other seeds hold out for validation; the held-out site, and so the score, is unaffected.
         data: a six-site data folder instead of the synthetic set; data_seed: seed of the synthetic set.
         bundles: folder holding the bundles. force: re-run finished cells.
     """

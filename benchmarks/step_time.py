@@ -1,7 +1,8 @@
 """Seconds per optimizer step of the student (no KD, KD with a live teacher, KD from cached teacher outputs) and of
 the teacher, at the benchmark's size (64×64 slices, 16 slices per step) on this machine's CPU.
 
-Prints one line per kind: median and inter-quartile range over ``repeats`` timed steps after ``warmup`` steps.
+Prints one line per kind: median and inter-quartile range over ``repeats`` timed steps after ``warmup`` steps, and
+the process CPU seconds per step (all threads; less sensitive to other jobs than the wall clock).
 The student's distillation loss is the student bundle's (``configs/train.json``: taps, λ, T), built the way the
 bundle builds it; "KD, cached teacher" feeds teacher outputs that were computed once (what
 :class:`monai_relkd.engines.TeacherOutputCache` returns on a hit), so it times the student's side only. Run it under
@@ -14,6 +15,7 @@ the CPU lock on a shared machine::
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -32,16 +34,19 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 STUDENTS = {"enet": ENet, "espnet": ESPNet, "erfnet": ERFNet}
 
 
-def _time(step: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float, float]:
+def _time(step: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float, float, float]:
+    """Median, quartiles of the wall-clock seconds per call, and process CPU seconds per call (all threads)."""
     for _ in range(warmup):
         step()
     times = []
+    cpu = time.process_time()
     for _ in range(repeats):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+    cpu = (time.process_time() - cpu) / repeats
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return statistics.median(times), q[0], q[2]
+    return statistics.median(times), q[0], q[2], cpu
 
 
 def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int = 2, student: str = "enet",
@@ -109,8 +114,9 @@ def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int =
     print(f"image {image_size}x{image_size}, {batch} slices per step, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; median [IQR] of {repeats} steps after {warmup} warm-up", flush=True)
     for kind, fn in kinds.items():
-        med, q1, q3 = _time(fn, warmup, repeats)
-        print(f"  {kind:40s} {med:6.3f} s  [{q1:.3f}-{q3:.3f}]", flush=True)
+        med, q1, q3, cpu = _time(fn, warmup, repeats)
+        print(f"  {kind:40s} {med:6.3f} s  [{q1:.3f}-{q3:.3f}]  CPU {cpu:6.3f} s", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} (a busy machine inflates the wall-clock times)", flush=True)
 
 
 if __name__ == "__main__":
