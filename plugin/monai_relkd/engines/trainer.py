@@ -97,7 +97,8 @@ class DistillationLossAdapter:
     ``SupervisedTrainer._iteration`` (MONAI 1.5.x and 1.6.x) runs the student through the inferer, stores the
     input batch as ``engine.state.output[Keys.IMAGE]`` and calls ``engine.loss_function(pred, label)`` inside the
     same autocast context. Here the student features are read from the student taps (captured during that
-    forward), the teacher runs on ``engine.state.output[Keys.IMAGE]`` under ``torch.no_grad()`` in eval mode, and
+    forward), the teacher runs on ``engine.state.output[Keys.IMAGE]`` (or the batch's ``teacher_input_key``,
+    through a ``TeacherOutputCache`` when one is given) under ``torch.no_grad()`` in eval mode, and
     every term of the returned dict is stored in ``engine.state.output`` as ``loss_<term>`` (detached). The
     total ``out["loss"]`` is returned; MONAI stores it as ``Keys.LOSS`` and back-propagates it.
 
