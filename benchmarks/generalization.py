@@ -378,7 +378,7 @@ def write_outputs(s: Settings, fold_seeds: Sequence[tuple[str, int]]) -> list[di
         best = "–" if r.get("best_val_dice") is None else f"{r['best_val_dice']:.3f}"
         lines.append(f"| {r['fold']} | {r['seed']} | {r['row']} | {r['network']} | {score} | {r['steps']} | "
                      f"{best} | {r['seconds']:.0f} |")
-    methods = [r for r in ROWS if r != "no_kd" and any(x["row"] == r for x in records)]
+    methods = [r for r in ROWS if r != "no_kd" and ROWS[r][0] == "enet" and any(x["row"] == r for x in records)]
     if any(x["row"] == "no_kd" for x in records) and methods:
         lines += ["", "## Paired differences against no_kd", "", paired_table(records, methods)]
     for net in ("espnet", "erfnet"):
