@@ -381,6 +381,9 @@ def write_outputs(s: Settings, fold_seeds: Sequence[tuple[str, int]]) -> list[di
     methods = [r for r in ROWS if r != "no_kd" and ROWS[r][0] == "enet" and any(x["row"] == r for x in records)]
     if any(x["row"] == "no_kd" for x in records) and methods:
         lines += ["", "## Paired differences against no_kd", "", paired_table(records, methods)]
+    for base in ("hinton", "skd"):  # the secondary question: do the relational terms add to plain KD?
+        if any(x["row"] == base for x in records) and any(x["row"] == "full" for x in records):
+            lines += ["", f"## full against {base}", "", paired_table(records, ["full"], baseline=base)]
     for net in ("espnet", "erfnet"):
         if any(x["row"] == f"{net}_no_kd" for x in records) and any(x["row"] == f"{net}_full" for x in records):
             lines += ["", paired_table(records, [f"{net}_full"], baseline=f"{net}_no_kd")]
