@@ -58,7 +58,6 @@ import json
 import os
 import platform
 import resource
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ from typing import Any
 
 import fire
 
-from monai_relkd.data._io import atomic_write_json
+from monai_relkd.data._io import atomic_write_json, atomic_write_text
 from monai_relkd.demo import TEACHER, find_bundles_dir
 
 SITES = ("BIDMC", "BMC", "HK", "I2CVB", "RUNMC", "UCL")
@@ -207,7 +206,8 @@ def estimate_seconds(s: Settings) -> float:
     rows = set(s.rows) | ({"teacher"} if any(r != "teacher" and ROWS[r][1] != LAMBDAS for r in s.rows) else set())
     n_teachers = len(s.folds) * len(s.teacher_seeds())
     teachers = per_cell["teacher"] * n_teachers if "teacher" in rows else 0.0
-    fill = _CACHE_FILL_S * f * n_teachers if s.cache and any(ROWS[r][1] != LAMBDAS for r in rows - {"teacher"}) else 0
+    distils = s.cache and any(ROWS[r][1] != LAMBDAS for r in rows - {"teacher"})
+    fill = _CACHE_FILL_S * f * n_teachers if distils else 0.0
     return teachers + fill + sum(per_cell[r] for r in rows - {"teacher"}) * len(s.folds) * len(s.seeds)
 
 
@@ -387,8 +387,7 @@ def write_outputs(s: Settings, fold_seeds: Sequence[tuple[str, int]]) -> list[di
     for net in ("espnet", "erfnet"):
         if any(x["row"] == f"{net}_no_kd" for x in records) and any(x["row"] == f"{net}_full" for x in records):
             lines += ["", paired_table(records, [f"{net}_full"], baseline=f"{net}_no_kd")]
-    (s.out / "report.md.tmp").write_text("\n".join(lines) + "\n")
-    os.replace(s.out / "report.md.tmp", s.out / "report.md")
+    atomic_write_text(s.out / "report.md", "\n".join(lines) + "\n")
     return records
 
 

@@ -109,8 +109,7 @@ def main(out: str = "relkd_generalization", grid: str = " ".join(DEFAULT_GRID), 
     gen.atomic_write_json(tune_dir / "tuning.json", {
         "student": student, "held_out_site_not_used": site, "seed": seed, "settings": settings,
         "bundle_defaults": {k: defaults[k] for k in KEYS}, "rows": rows, "best": rows[0] if rows else None})
-    (tune_dir / "tuning.md.tmp").write_text(table + "\n")
-    (tune_dir / "tuning.md.tmp").replace(tune_dir / "tuning.md")
+    gen.atomic_write_text(tune_dir / "tuning.md", table + "\n")
     print(table, flush=True)
 
 
