@@ -212,7 +212,7 @@ def estimate_seconds(s: Settings) -> float:
 
 
 class Progress:
-    """``[generalization i/N | elapsed | left ~] message`` lines; the estimate of what is left follows the cells done."""
+    """``[generalization i/N | elapsed | ~left] message`` lines; what is left is extrapolated from the cells done."""
 
     def __init__(self, total: int) -> None:
         self.total, self.done, self.start = total, 0, time.perf_counter()
