@@ -1,349 +1,518 @@
-"""Generalization benchmark: leave-one-site-out Dice of the teacher, the plain student and four distillation methods.
+"""Leave-one-site-out generalization benchmark: converged teacher and students, one JSON record per cell.
 
-For every held-out site and seed, on the synthetic six-site set (or ``--data``), through the real bundles:
+A cell is one (held-out site = fold, seed, row). Rows (``--rows``; the standard setting is the first five):
 
-1. the teacher bundle (DeepLabV3+) is trained on the other five sites;
-2. each student bundle (``--students``, ENet by default in ``--quick``) is trained once per method
-   (``--methods``), all with the same teacher, by overriding the ``distillation`` section only:
+==================  ===========================================================================================
+row                 what is trained (through the real bundles, overriding the schedule and ``distillation`` only)
+==================  ===========================================================================================
+``teacher``         the teacher bundle (DeepLabV3+); the students of its (fold, seed) distil from it
+``no_kd``           ENet, every λ = 0 (the baseline every other row is paired with)
+``hinton``          ENet, logits KD only (λ_km = λ_aa = 0; λ_logits and T from the bundle)
+``skd``             ENet, structured KD: pair-wise affinity only with uniform pair weights and SKD's node
+                    pooling (:data:`SKD_OVERRIDES`); λ_aa from the bundle
+``full``            ENet, the bundle's defaults (logits + kernel matrix + adaptive affinity)
+``full_minus_aa``   extended: the full loss with λ_aa = 0
+``full_minus_km``   extended: the full loss with λ_km = 0
+``espnet_no_kd``,   extended: ESPNet / ERFNet without distillation and with the full loss
+``espnet_full``,
+``erfnet_no_kd``,
+``erfnet_full``
+==================  ===========================================================================================
 
-   ============  =========================================================  ===============================
-   method        overrides                                                   what it is
-   ============  =========================================================  ===============================
-   ``nokd``      ``lambda_logits = lambda_km = lambda_aa = 0``               the student alone (baseline)
-   ``hinton``    ``lambda_km = lambda_aa = 0``                               pixel-wise logits KD (Hinton)
-   ``skd``       ``lambda_logits = lambda_km = 0``, ``pair_weights=uniform``, pair-wise affinity of structured
-                 ``aa_grid = --skd_grid``                                    KD (Liu et al., CVPR 2019)
-   ``ours``      the bundle's defaults (logits + kernel matrix + adaptive     relational KD
-                 affinity)
-   ============  =========================================================  ===============================
+Schedule (optimizer steps of ``batch_size`` slices, poly LR, see the bundles' model cards): students
+``student_steps`` (800), teacher ``teacher_steps``, validation on the training sites' validation cases every
+``val_every`` steps. The held-out site is never used for any choice: it is evaluated (Dice per case at the networks'
+resolution, ``image_size``) at each of the last ``last_k`` validations, and the **score** of a cell is the mean
+held-out Dice over those ``last_k`` evaluations (declared in ``docs/results.md``). Distilled students read the
+teacher through a :class:`monai_relkd.engines.TeacherOutputCache` shared by the rows of one fold, and the
+teacher sees the slice before intensity augmentation (``--cache False`` runs the teacher live on the student's own
+input, the bundles' default).
 
-   The λ of a kept term is the bundle's default (``configs/train.json``), so every method weighs a term alike.
-3. every model is evaluated with the bundle's ``evaluate.json`` on the validation cases of the training sites
-   and on the held-out site (``evaluation_split = ["validation", "test"]``);
-4. a ``run.json`` per (site, seed) in the format of ``relkd demo`` is written, then ``report/report.md`` with
-   its plots (:func:`monai_relkd.reports.write_report`) over all runs.
+Output in ``--out``::
 
-Layout of ``--out``::
+    data/                              the synthetic six-site set (``--scale``, ``--size``; generated once)
+    cells/<FOLD>_seed<S>/datalist.json
+    cells/<FOLD>_seed<S>/<row>/        models/, runs/ (TensorBoard), cell.json (the record + curve + settings)
+    curves/curves_<FOLD>_seed<S>.png   validation Dice against optimizer steps, one line per row
+    results.json                       every finished cell's record (a JSON list), rewritten atomically
+    report.md                          per-cell scores and the paired statistics (monai_relkd.reports.paired)
 
-    data/                       the synthetic set (shared by all runs)
-    runs/<SITE>_seed<S>/        datalist.json, run.json, teacher/, <student>_<method>/ (models/, eval/, runs/)
-    report/                     report.md, report.json, PNG plots
-    benchmark.json              the settings and the wall-clock time of every step
+A cell whose ``cell.json`` exists with the same settings is not run again (``--force`` re-runs), so an interrupted
+benchmark resumes where it stopped. Examples::
 
-A model whose checkpoint and summary exist from an earlier call with the same overrides is not trained again
-(``--force`` retrains), so an interrupted benchmark resumes where it stopped.
+    flock /tmp/relkd-cpu.lock nice python benchmarks/generalization.py --out /work/runs/loso
+    python benchmarks/generalization.py --folds HK --seeds 0 --rows no_kd --out DIR
+    python benchmarks/generalization.py --quick --out /tmp/loso_smoke          # CI-size smoke run (about a minute)
+    python benchmarks/generalization.py --rows full_minus_aa,full_minus_km --seeds 0 --out /work/runs/loso
+    python benchmarks/generalization.py --dry_run                                 # the plan and a time estimate
+    python benchmarks/generalization.py --teacher_seed each --out /work/runs/loso # a teacher per fold and seed
 
-Settings: ``--quick`` (2 held-out sites, 1 seed, ENet, image size 64, 25 epochs; about 30 min on 2 CPU cores)
-or the default full setting (6 sites x 3 seeds x 3 students, image size 128, 100 epochs: for a GPU). Explicit
-flags override the preset. Run it on a shared machine under the CPU lock::
-
-    flock /tmp/relkd-cpu.lock python benchmarks/generalization.py --quick --out relkd_generalization
-    # smoke test
-    python benchmarks/generalization.py --sites HK --seeds 0 --teacher_epochs 1 --student_epochs 1 \\
-        --scale 0.1 --size 32 --image_size 32 --out /tmp/relkd_gen_smoke
+Each ``cell.json`` records where the cell's time went (``timing``: training, validation and held-out evaluation
+seconds, with their counts) and the machine's load average, so the first cells of a run tell how long the rest
+will take (the progress line's estimate does the same).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import sys
+import resource
+import shutil
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from monai_relkd.demo import TEACHER, find_bundles_dir, run_bundle, write_json_atomic
+import fire
+
+from monai_relkd.data._io import atomic_write_json, atomic_write_text
+from monai_relkd.demo import TEACHER, find_bundles_dir
 
 SITES = ("BIDMC", "BMC", "HK", "I2CVB", "RUNMC", "UCL")
-METHODS = {  # key: (name suffix, role)
-    "nokd": ("(no KD)", "baseline"),
-    "hinton": ("+ Hinton KD", "student"),
-    "skd": ("+ structured KD", "student"),
-    "ours": ("+ relational KD", "student"),
+STANDARD_ROWS = ("teacher", "no_kd", "hinton", "skd", "full")
+EXTENDED_ROWS = ("full_minus_aa", "full_minus_km", "espnet_no_kd", "espnet_full", "erfnet_no_kd", "erfnet_full")
+LAMBDAS = ("lambda_logits", "lambda_km", "lambda_aa")
+
+#: the structured-KD baseline (Liu et al., CVPR 2019): pair-wise affinity with uniform pair weights on max-pooled
+#: nodes of half the map side (2×2 nodes), as in SKD
+SKD_OVERRIDES: dict[str, Any] = {"distillation#pair_weights": "uniform", "distillation#aa_grid": 2,
+                                 "distillation#aa_pool": "max", "distillation#aa_node_size": None}
+
+#: per row: (network, λ keys set to 0, extra distillation overrides)
+ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
+    "no_kd": ("enet", LAMBDAS, {}),
+    "hinton": ("enet", ("lambda_km", "lambda_aa"), {}),
+    "skd": ("enet", ("lambda_logits", "lambda_km"), SKD_OVERRIDES),
+    "full": ("enet", (), {}),
+    "full_minus_aa": ("enet", ("lambda_aa",), {}),
+    "full_minus_km": ("enet", ("lambda_km",), {}),
+    "espnet_no_kd": ("espnet", LAMBDAS, {}),
+    "espnet_full": ("espnet", (), {}),
+    "erfnet_no_kd": ("erfnet", LAMBDAS, {}),
+    "erfnet_full": ("erfnet", (), {}),
 }
-PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"sites": ",".join(SITES), "seeds": "0,1,2", "students": "enet,espnet,erfnet", "teacher_epochs": 100,
-             "student_epochs": 100, "scale": 1.0, "size": 128, "image_size": 128},
-    "quick": {"sites": "HK,UCL", "seeds": "0", "students": "enet", "teacher_epochs": 25, "student_epochs": 25,
-              "scale": 0.5, "size": 96, "image_size": 64},
-}
-# CPU seconds per epoch at image size 64, data scale 0.5, batch 16, 4 slices per volume, 2 cores (measured)
-_EPOCH_S = {"teacher": 7.0, "nokd": 1.5, "kd": 5.0}
-_EVAL_S = 15.0
+
+DEFAULTS: dict[str, Any] = dict(
+    folds="HK,UCL,BMC", seeds="0,1,2", rows=",".join(STANDARD_ROWS), scale=1.0, size=96, image_size=64,
+    student_steps=800, teacher_steps=600, val_every=100, last_k=3, batch_size=16, num_samples=4, teacher_seed=0,
+)
+QUICK: dict[str, Any] = dict(
+    folds="HK", seeds="0", rows="teacher,no_kd,full", scale=0.15, size=32, image_size=32, student_steps=4,
+    teacher_steps=4, val_every=2, last_k=2, batch_size=4, num_samples=2, teacher_seed=0,
+)
+# Seconds at 64x64, 16 slices per step, 2 CPU cores. Steps: benchmarks/step_time.py on a quiet machine (2026-12-04:
+# no KD 0.152, KD from the cache 0.230, teacher training step 0.90 = lower quartile, the median was disturbed by other
+# jobs). Validation / held-out evaluation and per-cell start-up (datasets, networks): estimates, not measured alone.
+_STEP_S = {"teacher": 0.9, "no_kd": 0.152, "kd": 0.23}
+_EVAL_S = {"teacher": 6.0, "student": 2.5}
+_CELL_S = 15.0
+_CACHE_FILL_S = 40.0  # the teacher's forward over every distinct training slice and flip, once per teacher
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in str(text).split(",") if t.strip()]
+def _csv(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [t.strip() for t in str(value).split(",") if t.strip()]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU preset (about 30 min on 2 cores); default: full (GPU)")
-    ap.add_argument("--out", default="relkd_generalization", help="output folder")
-    ap.add_argument("--sites", help="held-out sites, comma-separated (full: all six; quick: HK,UCL)")
-    ap.add_argument("--seeds", help="seeds of split and training, comma-separated (full: 0,1,2; quick: 0)")
-    ap.add_argument("--students", help="student bundles: enet,espnet,erfnet (quick: enet)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
-    ap.add_argument("--teacher_epochs", type=int, help="teacher epochs (full 100, quick 25)")
-    ap.add_argument("--student_epochs", type=int, help="student epochs (full 100, quick 25)")
-    ap.add_argument("--scale", type=float, help="synthetic case-count scale (full 1.0, quick 0.5)")
-    ap.add_argument("--size", type=int, help="synthetic in-plane matrix (full 128, quick 96)")
-    ap.add_argument("--image_size", type=int, help="in-plane size the networks see (full 128, quick 64)")
-    ap.add_argument("--num_samples", type=int, default=4, help="slices drawn per volume and epoch")
-    ap.add_argument("--batch_size", type=int, default=16, help="slices per batch")
-    ap.add_argument("--data", default=None, help="six-site data folder; default: the synthetic set in OUT/data")
-    ap.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic set")
-    ap.add_argument("--skd_grid", default="2",
-                    help="aa_grid of the structured-KD baseline: an int (grid of N x N nodes) or 'none' (the "
-                         "smaller feature map's own size); default 2, the 2x2 grid of docs/method.md")
-    ap.add_argument("--fsd", action="store_true", help="also compute the FSD at each network's first tap")
-    ap.add_argument("--latency", action="store_true", help="CPU latency in the report's efficiency table")
-    ap.add_argument("--no_report", action="store_true", help="do not write the report at the end")
-    ap.add_argument("--force", action="store_true", help="retrain models whose results exist")
-    ap.add_argument("--dry_run", action="store_true", help="print the plan and the time estimate only")
-    ap.add_argument("--bundles", default=None, help="folder holding the bundles (default: ./bundles)")
-    args = ap.parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "full"]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.sites, args.students, args.methods = _csv(args.sites), _csv(args.students), _csv(args.methods)
-    args.seeds = [int(s) for s in _csv(args.seeds)]
-    unknown = [m for m in args.methods if m not in METHODS]
+@dataclass
+class Settings:
+    """The benchmark's settings (command-line flags after presets)."""
+
+    out: Path
+    folds: list[str]
+    seeds: list[int]
+    rows: list[str]
+    scale: float
+    size: int
+    image_size: int
+    student_steps: int
+    teacher_steps: int
+    val_every: int
+    last_k: int
+    batch_size: int
+    num_samples: int
+    cache: bool = True
+    teacher_seed: int | None = None
+    data: str | None = None
+    data_seed: int = 0
+    bundles: str | None = None
+    force: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def cell_settings(self, row: str) -> dict[str, Any]:
+        """What a cell's result depends on (a cell is re-run when this changes)."""
+        steps = self.teacher_steps if row == "teacher" else self.student_steps
+        out = {"scale": self.scale, "size": self.size, "image_size": self.image_size, "steps": steps,
+               "val_every": self.val_every, "last_k": self.last_k, "batch_size": self.batch_size,
+               "num_samples": self.num_samples, "cache": self.cache and row != "teacher", "data": self.data,
+               "data_seed": self.data_seed}
+        if self.teacher_seed is not None and row != "teacher":
+            out["teacher_seed"] = self.teacher_seed
+        return out
+
+    def teacher_seeds(self) -> list[int]:
+        """The seeds a teacher is trained for: every seed, or ``teacher_seed`` alone (shared by all seeds)."""
+        return list(self.seeds) if self.teacher_seed is None else [self.teacher_seed]
+
+
+def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
+    """Presets (``DEFAULTS`` or ``QUICK``) overridden by the given flags, validated."""
+    values = {**(QUICK if quick else DEFAULTS), **{k: v for k, v in flags.items() if v is not None}}
+    rows = _csv(values.pop("rows"))
+    unknown = [r for r in rows if r != "teacher" and r not in ROWS]
     if unknown:
-        ap.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    bad = [s for s in args.sites if s not in SITES] if args.data is None else []
-    if bad:
-        ap.error(f"unknown site(s) {bad}; the synthetic set has {list(SITES)}")
-    if not args.sites or not args.seeds or not args.students or not args.methods:
-        ap.error("sites, seeds, students and methods must not be empty")
-    if min(args.teacher_epochs, args.student_epochs, args.image_size, args.size) < 1 or args.scale <= 0:
-        ap.error("epochs, sizes and scale must be positive")
-    args.skd_grid = None if str(args.skd_grid).lower() in ("none", "null", "") else int(args.skd_grid)
-    return args
+        raise ValueError(f"unknown row(s) {unknown}; choose from {['teacher', *ROWS]}")
+    folds = _csv(values.pop("folds"))
+    if values.get("data") is None and [f for f in folds if f not in SITES]:
+        raise ValueError(f"unknown fold(s) {[f for f in folds if f not in SITES]}; the sites are {list(SITES)}")
+    seeds = [int(s) for s in _csv(values.pop("seeds"))]
+    if str(values.get("teacher_seed")).lower() in ("each", "none"):
+        values["teacher_seed"] = None  # one teacher per (fold, seed)
+    elif values.get("teacher_seed") is not None:
+        values["teacher_seed"] = int(values["teacher_seed"])
+    if not rows or not folds or not seeds:
+        raise ValueError("folds, seeds and rows must not be empty")
+    s = Settings(out=Path(out).resolve(), folds=folds, seeds=seeds, rows=rows,
+                 **{k: values.pop(k) for k in list(values) if k in Settings.__dataclass_fields__})
+    for name in ("student_steps", "teacher_steps", "val_every", "last_k", "image_size", "size", "batch_size"):
+        if int(getattr(s, name)) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
+    if s.last_k * s.val_every > min(s.student_steps, s.teacher_steps) + s.val_every - 1:
+        raise ValueError(f"last_k ({s.last_k}) evaluations every {s.val_every} steps do not fit in "
+                         f"{min(s.student_steps, s.teacher_steps)} steps")
+    return s
 
 
-def estimate_seconds(args: argparse.Namespace) -> float:
-    """Rough CPU estimate from per-epoch timings at image size 64 and scale 0.5 (scaled by pixels and cases)."""
-    f = (args.image_size / 64) ** 2 * (args.scale / 0.5) * (args.num_samples / 4)
-    per_student = sum(
-        args.student_epochs * f * (_EPOCH_S["nokd"] if m == "nokd" else _EPOCH_S["kd"]) + _EVAL_S for m in args.methods
-    )
-    per_run = args.teacher_epochs * f * _EPOCH_S["teacher"] + _EVAL_S + len(args.students) * per_student
-    return len(args.sites) * len(args.seeds) * per_run
-
-
-def _bundle_defaults(bundle: Path) -> dict[str, Any]:
-    with open(bundle / "configs" / "train.json") as f:
-        return json.load(f)["distillation"]
-
-
-def method_overrides(method: str, defaults: dict[str, Any], skd_grid: int | None) -> dict[str, Any]:
-    """The ``distillation#...`` overrides of one method (see the module docstring)."""
-    lam = {k: float(defaults[k]) for k in ("lambda_logits", "lambda_km", "lambda_aa")}
-    if method == "nokd":
-        lam = dict.fromkeys(lam, 0.0)
-    elif method == "hinton":
-        lam.update(lambda_km=0.0, lambda_aa=0.0)
-    elif method == "skd":
-        lam.update(lambda_logits=0.0, lambda_km=0.0)
-    out: dict[str, Any] = {f"distillation#{k}": v for k, v in lam.items()}
-    if method == "skd":
-        out["distillation#pair_weights"] = "uniform"
-        out["distillation#aa_grid"] = skd_grid
+def row_overrides(row: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The ``distillation#...`` overrides of a student row, given the bundle's ``distillation`` section."""
+    _, zero, extra = ROWS[row]
+    out: dict[str, Any] = {f"distillation#{k}": 0.0 if k in zero else float(defaults[k]) for k in LAMBDAS}
+    out.update(extra)
     return out
 
 
+def estimate_seconds(s: Settings) -> float:
+    """Rough CPU estimate of the runs still to do, from measured per-step costs at 64x64 (scaled by pixels)."""
+    f = (s.image_size / 64) ** 2 * (s.batch_size / 16)
+    evals_s = -(-s.student_steps // s.val_every) + s.last_k
+    evals_t = -(-s.teacher_steps // s.val_every) + s.last_k
+    per_cell = {"teacher": s.teacher_steps * _STEP_S["teacher"] * f + evals_t * _EVAL_S["teacher"] + _CELL_S}
+    for row in ROWS:
+        kind = "no_kd" if ROWS[row][1] == LAMBDAS else "kd"
+        per_cell[row] = s.student_steps * _STEP_S[kind] * f + evals_s * _EVAL_S["student"] + _CELL_S
+    rows = set(s.rows) | ({"teacher"} if any(r != "teacher" and ROWS[r][1] != LAMBDAS for r in s.rows) else set())
+    n_teachers = len(s.folds) * len(s.teacher_seeds())
+    teachers = per_cell["teacher"] * n_teachers if "teacher" in rows else 0.0
+    distils = s.cache and any(ROWS[r][1] != LAMBDAS for r in rows - {"teacher"})
+    fill = _CACHE_FILL_S * f * n_teachers if distils else 0.0
+    return teachers + fill + sum(per_cell[r] for r in rows - {"teacher"}) * len(s.folds) * len(s.seeds)
+
+
 class Progress:
-    """Numbered progress lines with elapsed time."""
+    """``[generalization i/N | elapsed | ~left] message`` lines; what is left is extrapolated from the cells done."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.index, self.start = total, 0, time.perf_counter()
+        self.total, self.done, self.start = total, 0, time.perf_counter()
 
-    def step(self, message: str) -> float:
-        self.index += 1
-        elapsed = (time.perf_counter() - self.start) / 60
-        print(f"[generalization {self.index}/{self.total} | {elapsed:.1f} min] {message}", flush=True)
-        return time.perf_counter()
-
-
-def _train_and_evaluate(bundle: Path, common: dict[str, Any], model_dir: Path, extra: dict[str, Any],
-                        force: bool, progress: Progress, label: str,
-                        splits: tuple[str, ...] = ("validation", "test")) -> dict[str, float]:
-    """Train and evaluate one model (on the datalist's ``splits``) unless its results exist with the same overrides.
-
-    With no ``splits`` the model is trained only (the tuning script's teacher, evaluated later by the benchmark).
-    """
-    override = {**common, **extra, "ckpt_dir": str(model_dir / "models"), "output_dir": str(model_dir / "eval"),
-                "log_dir": str(model_dir / "runs")}
-    record = model_dir / "overrides.json"
-    ckpt, summary = model_dir / "models" / "model.pt", model_dir / "eval" / "summary.json"
-    same = record.is_file() and json.loads(record.read_text()) == json.loads(json.dumps(override, default=str))
-    seconds: dict[str, float] = {}
-    if same and ckpt.is_file() and not force:
-        progress.step(f"{label}: checkpoint exists, not retrained")
-    else:
-        t = progress.step(f"{label}: training {extra['max_epochs']} epochs with {bundle.name}")
-        model_dir.mkdir(parents=True, exist_ok=True)
-        if record.exists():
-            record.unlink()
-        if summary.exists():
-            summary.unlink()
-        run_bundle(bundle, ["train.json"], **override)
-        if not ckpt.is_file():
-            raise RuntimeError(f"{label}: training wrote no checkpoint {ckpt} (no validation run? check val_interval)")
-        write_json_atomic(record, override)
-        seconds["train"] = time.perf_counter() - t
-    if not splits:
-        return seconds
-    if summary.is_file() and "train" not in seconds and not force:
-        progress.step(f"{label}: summary exists, not re-evaluated")
-    else:
-        t = progress.step(f"{label}: evaluating on the {' and '.join(splits)} cases")
-        run_bundle(bundle, ["train.json", "evaluate.json"], **override, evaluation_split=list(splits))
-        seconds["evaluate"] = time.perf_counter() - t
-    return seconds
+    def line(self, message: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        left = f" | ~{elapsed / self.done * (self.total - self.done) / 60:.0f} min left" if self.done else ""
+        print(f"[generalization {self.done}/{self.total} | {elapsed / 60:.1f} min{left}] {message}", flush=True)
 
 
-def prepare_data(args: argparse.Namespace, out: Path) -> Path:
+def prepare_data(s: Settings) -> Path:
     """The six-site folder: ``--data``, or the synthetic set in ``OUT/data`` (generated once)."""
-    if args.data is not None:
-        return Path(args.data).resolve()
+    if s.data is not None:
+        return Path(s.data).resolve()
     from monai_relkd.data.synthetic import generate_six_site_dataset
 
-    data_dir = out / "data"
+    data_dir = s.out / "data"
     if not (data_dir / "dataset.json").is_file():
-        generate_six_site_dataset(data_dir, scale=args.scale, size=args.size, seed=args.data_seed)
+        generate_six_site_dataset(data_dir, scale=s.scale, size=s.size, seed=s.data_seed)
     return data_dir
 
 
-def prepare_run(args: argparse.Namespace, out: Path, data_dir: Path, site: str,
-                seed: int) -> tuple[Path, Path, dict[str, Any]]:
-    """``(run_dir, datalist_path, common bundle overrides)`` of one (held-out site, seed) run."""
-    from monai_relkd.bundle_support import bundle_datalist
+class _HeldOut:
+    """Held-out-site evaluation at the last ``last_k`` validations of a training run, plus the validation curve.
 
-    run_dir = out / "runs" / f"{site}_seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    datalist_path = run_dir / "datalist.json"
-    write_json_atomic(datalist_path, bundle_datalist(data_dir, test_site=site, seed=seed))
-    common = {"dataset_dir": str(data_dir), "datalist_file": str(datalist_path), "test_site": site,
-              "seed": seed, "image_size": args.image_size, "num_samples": args.num_samples,
-              "batch_size": args.batch_size, "num_workers": 0}
-    return run_dir, datalist_path, common
+    Dice per case at the networks' resolution (``validate#preprocessing``: RAS, z-score, resize to ``image_size``),
+    with the bundle's own inferer and post-processing; the held-out Dice never feeds back into training or
+    checkpoint choice.
+    """
+
+    def __init__(self, parser: Any, last_k: int, held_out: bool = True) -> None:
+        from monai.data import CacheDataset, DataLoader
+        from monai.engines import SupervisedEvaluator
+        from monai.handlers import MeanDice, from_engine
+
+        self.trainer = parser.get_parsed_content("train#trainer")
+        self.validator = parser.get_parsed_content("validate#evaluator")
+        self.last_k = last_k if held_out else 0
+        self.evaluator: Any = None
+        if held_out:
+            cases = parser.get_parsed_content("datalist")["test"]
+            self.case_ids = [f"{c.get('site', '')}/{c.get('case', Path(str(c['image'])).name)}" for c in cases]
+            dataset = CacheDataset(cases, transform=parser.get_parsed_content("validate#preprocessing"),
+                                   cache_rate=1.0, num_workers=0, progress=False)
+            self.evaluator = SupervisedEvaluator(
+                device=parser.get_parsed_content("device"), val_data_loader=DataLoader(dataset, batch_size=1),
+                network=parser.get_parsed_content("network"), inferer=parser.get_parsed_content("validate#inferer"),
+                postprocessing=parser.get_parsed_content("validate#postprocessing"),
+                key_val_metric={"dice": MeanDice(include_background=False, save_details=True,
+                                                 output_transform=from_engine(["pred", "label"]))})
+        self.curve: list[tuple[int, float]] = []
+        self.held_out: list[dict[str, Any]] = []
+        from ignite.engine import Events
+
+        #: wall-clock seconds spent in validation and in held-out evaluation (the rest of the run is training)
+        self.timing = {"validation_s": 0.0, "held_out_s": 0.0, "validations": 0, "held_out_evaluations": 0}
+        self._t0 = 0.0
+        self.validator.add_event_handler(Events.STARTED, self._before_validation)
+        self.validator.add_event_handler(Events.EPOCH_COMPLETED, self._after_validation)
+
+    def _before_validation(self, _validator: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def _after_validation(self, _validator: Any) -> None:
+        self.timing["validation_s"] += time.perf_counter() - self._t0
+        self.timing["validations"] += 1
+        step = int(self.trainer.state.iteration)
+        self.curve.append((step, float(self.validator.state.metrics["val_mean_dice"])))
+        if self.last_k and self.trainer.state.epoch > self.trainer.state.max_epochs - self.last_k:
+            t = time.perf_counter()
+            self.evaluator.run()
+            self.timing["held_out_s"] += time.perf_counter() - t
+            self.timing["held_out_evaluations"] += 1
+            per_case = self.evaluator.state.metric_details["dice"].reshape(len(self.case_ids), -1).mean(1)
+            self.held_out.append({"step": step, "dice": float(self.evaluator.state.metrics["dice"]),
+                                  "per_case": dict(zip(self.case_ids, [float(v) for v in per_case]))})
 
 
-def teacher_extra(args: argparse.Namespace) -> dict[str, Any]:
-    """The teacher's own overrides (epochs and validation interval)."""
-    return {"max_epochs": args.teacher_epochs, "val_interval": max(1, args.teacher_epochs // 4)}
+def run_cell(s: Settings, bundle: Path, common: dict[str, Any], cell_dir: Path, extra: dict[str, Any],
+             held_out: bool = True) -> dict:
+    """Train one model with the bundle's ``train.json`` and return its held-out evaluations and curve.
 
+    With ``held_out=False`` the held-out site is never predicted (the tuning script's runs)."""
+    from monai.bundle import ConfigWorkflow
 
-def student_extra(args: argparse.Namespace, teacher_ckpt: str) -> dict[str, Any]:
-    """A student's own overrides (epochs, validation interval, teacher checkpoint), before its method's λs."""
-    return {"max_epochs": args.student_epochs, "val_interval": max(1, args.student_epochs // 4),
-            "teacher_ckpt": teacher_ckpt}
-
-
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    bundles = find_bundles_dir(args.bundles)
-    teacher_bundle = bundles / TEACHER
-    student_bundles = {s: bundles / f"prostate_mri_student_{s}" for s in args.students}
-    for s, b in student_bundles.items():
-        if not (b / "configs" / "train.json").is_file():
-            raise FileNotFoundError(f"student bundle {s!r} not found: {b}")
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    n_models = 1 + len(args.students) * len(args.methods)
-    total = 1 + len(args.sites) * len(args.seeds) * (2 * n_models) + (0 if args.no_report else 1)
-    est = estimate_seconds(args)
-    print(f"generalization benchmark: held-out {args.sites}, seeds {args.seeds}, students {args.students}, "
-          f"methods {args.methods}; teacher {args.teacher_epochs} / students {args.student_epochs} epochs, "
-          f"image size {args.image_size}, data scale {args.scale} size {args.size}; {n_models} models per run.\n"
-          f"Rough CPU estimate (2 cores): {est / 60:.0f} min (GPU: much less). Output: {out}", flush=True)
-    if args.dry_run:
-        return {"estimate_s": est}
-    progress = Progress(total)
-    record: dict[str, Any] = {
-        "settings": {k: v for k, v in vars(args).items()},
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
-        "seconds": {},
-        "runs": [],
-    }
+    # a cell (re)starts from scratch: a model, record or last state of an earlier run with other settings must
+    # neither be resumed nor kept as "best" (the bundle's checkpoints never replace a better model.pt)
+    shutil.rmtree(cell_dir / "models", ignore_errors=True)
+    override = {**common, **extra, "ckpt_dir": str(cell_dir / "models"), "output_dir": str(cell_dir / "eval"),
+                "log_dir": str(cell_dir / "runs"), "resume": False}
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"),
+                              meta_file=str(bundle / "configs" / "metadata.json"), logging_file=False,
+                              run_id="training", workflow_type=None, bundle_root=str(bundle), **override)
+    workflow.initialize()
     try:
-        import torch
-
-        record["machine"].update(torch=torch.__version__, cuda=torch.cuda.is_available())
-    except ImportError:  # pragma: no cover
-        pass
-
-    t = progress.step("data")
-    data_dir = prepare_data(args, out)
-    record["seconds"]["data"] = time.perf_counter() - t
-
-    run_dirs: list[Path] = []
-    for site in args.sites:
-        for seed in args.seeds:
-            run_dir, datalist_path, common = prepare_run(args, out, data_dir, site, seed)
-            teacher_ckpt = str(run_dir / "teacher" / "models" / "model.pt")
-            plan: list[tuple[str, str, Path, Path, dict[str, Any], str | None]] = [(
-                "teacher", "teacher", teacher_bundle, run_dir / "teacher", teacher_extra(args), "aspp")]
-            for student, bundle in student_bundles.items():
-                defaults = _bundle_defaults(bundle)
-                for method in args.methods:
-                    suffix, role = METHODS[method]
-                    extra = {**student_extra(args, teacher_ckpt), **method_overrides(method, defaults, args.skd_grid)}
-                    tap = defaults["taps"][0]["student"] if defaults.get("taps") else None
-                    plan.append((f"{student} {suffix}", role, bundle, run_dir / f"{student}_{method}", extra, tap))
-            models = []
-            for name, role, bundle, model_dir, extra, tap in plan:
-                label = f"{site} seed {seed} | {name}"
-                seconds = _train_and_evaluate(bundle, common, model_dir, extra, args.force, progress, label)
-                record["seconds"][f"{site}_seed{seed}/{model_dir.name}"] = seconds
-                entry = {
-                    "name": name, "role": role, "bundle": str(bundle), "ckpt": str(model_dir / "models" / "model.pt"),
-                    "summary": str(model_dir / "eval" / "summary.json"),
-                    "prediction_dir": str(model_dir / "eval" / "predictions"), "log_dir": str(model_dir / "runs"),
-                }
-                if args.fsd and tap:
-                    from monai_relkd.evaluation import fsd_for_bundle
-
-                    entry["fsd"] = fsd_for_bundle(bundle, datalist_path, tap, ckpt=entry["ckpt"],
-                                                  image_size=args.image_size, max_slices=256)
-                    print(f"    FSD at {tap}: {entry['fsd']['fsd']:.4f}", flush=True)
-                models.append(entry)
-                with open(entry["summary"]) as f:
-                    dice = json.load(f)["per_site"].get(site, {}).get("dice", {}).get("mean")
-                print(f"    {name}: Dice on held-out {site} = {dice:.3f}" if dice is not None else
-                      f"    {name}: no Dice on {site}", flush=True)
-            write_json_atomic(run_dir / "run.json", {
-                "held_out_site": site, "dataset_dir": str(data_dir), "datalist": str(datalist_path),
-                "image_size": args.image_size, "seed": seed, "models": models})
-            run_dirs.append(run_dir)
-            record["runs"].append(str(run_dir))
-            write_json_atomic(out / "benchmark.json", record)
-
-    if not args.no_report:
-        from monai_relkd.reports import write_report
-
-        t = progress.step("report")
-        report = write_report(run_dirs, out / "report", latency=args.latency, image_size=args.image_size)
-        record["report"] = str(report)
-        record["seconds"]["report"] = time.perf_counter() - t
-        print(f"report: {report}", flush=True)
-    record["seconds"]["total"] = time.perf_counter() - progress.start
-    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    write_json_atomic(out / "benchmark.json", record)
-    print(f"generalization benchmark: done in {record['seconds']['total'] / 60:.1f} min; results in {out}", flush=True)
-    return record
+        probe = _HeldOut(workflow.parser, s.last_k, held_out=held_out)
+        t = time.perf_counter()
+        workflow.run()
+        probe.timing["run_s"] = time.perf_counter() - t
+    finally:
+        workflow.finalize()
+    cache = workflow.parser.get_parsed_content("teacher_cache") if "teacher_cache" in workflow.parser else None
+    timing = {k: round(v, 2) for k, v in probe.timing.items()}
+    if "run_s" in timing:
+        timing["train_s"] = round(timing["run_s"] - timing["validation_s"] - timing["held_out_s"], 2)
+    return {"curve": probe.curve, "held_out": probe.held_out, "steps": int(probe.trainer.state.iteration),
+            "cache": repr(cache) if cache is not None else None, "timing": timing}
 
 
-def main(argv: list[str] | None = None) -> int:
-    run_benchmark(parse_args(argv))
-    return 0
+def _record(fold: str, seed: int, row: str, network: str, result: dict, dist: dict[str, Any] | None,
+            seconds: float) -> dict[str, Any]:
+    held = result["held_out"]
+    per_case: dict[str, float] = {}
+    for case in held[0]["per_case"] if held else []:
+        per_case[case] = sum(h["per_case"][case] for h in held) / len(held)
+    return {"fold": fold, "seed": seed, "row": row, "network": network,
+            "score": sum(h["dice"] for h in held) / len(held) if held else None, "steps": result["steps"],
+            "lambdas": {k: dist[k] for k in LAMBDAS} if dist else None,
+            "temperature": dist["temperature"] if dist else None, "seconds": round(seconds, 1),
+            "per_case": per_case, "held_out_steps": [h["step"] for h in held],
+            "best_val_dice": max((d for _, d in result["curve"]), default=None)}
+
+
+def _done(cell_dir: Path, settings: dict[str, Any]) -> dict | None:
+    path = cell_dir / "cell.json"
+    if not path.is_file():
+        return None
+    cell = json.loads(path.read_text())
+    return cell if cell.get("settings") == json.loads(json.dumps(settings)) else None
+
+
+def collect(out: Path) -> list[dict[str, Any]]:
+    """Every finished cell's record under ``out/cells``, sorted by fold, seed and row order."""
+    order = {r: i for i, r in enumerate(("teacher", *ROWS))}
+    records = [json.loads(p.read_text())["record"] for p in sorted((out / "cells").glob("*/*/cell.json"))]
+    return sorted(records, key=lambda r: (r["fold"], r["seed"], order.get(r["row"], 99)))
+
+
+def write_outputs(s: Settings, fold_seeds: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+    """``results.json``, the curve PNGs of ``fold_seeds`` and ``report.md`` from every finished cell."""
+    from monai_relkd.reports.paired import paired_table
+    from monai_relkd.reports.plots import plot_training_curves
+
+    records = collect(s.out)
+    atomic_write_json(s.out / "results.json", records)
+    for fold, seed in fold_seeds:
+        curves = {}
+        for cell in sorted((s.out / "cells" / f"{fold}_seed{seed}").glob("*/cell.json")):
+            data = json.loads(cell.read_text())
+            if data["curve"]:
+                steps, dice = zip(*data["curve"])
+                curves[data["record"]["row"]] = {"val_mean_dice": (list(steps), list(dice))}
+        if curves:
+            import numpy as np
+
+            curves = {r: {t: (np.asarray(a), np.asarray(b)) for t, (a, b) in c.items()} for r, c in curves.items()}
+            plot_training_curves(curves, s.out / "curves" / f"curves_{fold}_seed{seed}.png",
+                                 title=f"validation Dice (training sites) against optimizer steps: {fold} held out, "
+                                       f"seed {seed}")
+    lines = ["# Leave-one-site-out benchmark", "",
+             "Score: mean held-out Dice over the last evaluations (see docs/results.md).", "",
+             "| fold | seed | row | network | score | steps | best validation Dice | seconds |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        score = "–" if r["score"] is None else f"{r['score']:.3f}"
+        best = "–" if r.get("best_val_dice") is None else f"{r['best_val_dice']:.3f}"
+        lines.append(f"| {r['fold']} | {r['seed']} | {r['row']} | {r['network']} | {score} | {r['steps']} | "
+                     f"{best} | {r['seconds']:.0f} |")
+    methods = [r for r in ROWS if r != "no_kd" and ROWS[r][0] == "enet" and any(x["row"] == r for x in records)]
+    if any(x["row"] == "no_kd" for x in records) and methods:
+        lines += ["", "## Paired differences against no_kd", "", paired_table(records, methods)]
+    for base in ("hinton", "skd"):  # the secondary question: do the relational terms add to plain KD?
+        if any(x["row"] == base for x in records) and any(x["row"] == "full" for x in records):
+            lines += ["", f"## full against {base}", "", paired_table(records, ["full"], baseline=base)]
+    for net in ("espnet", "erfnet"):
+        if any(x["row"] == f"{net}_no_kd" for x in records) and any(x["row"] == f"{net}_full" for x in records):
+            lines += ["", paired_table(records, [f"{net}_full"], baseline=f"{net}_no_kd")]
+    atomic_write_text(s.out / "report.md", "\n".join(lines) + "\n")
+    return records
+
+
+def run(s: Settings) -> list[dict[str, Any]]:
+    """Run every missing cell of ``s``, then write the outputs; returns the records."""
+    from monai_relkd.bundle_support import bundle_datalist
+    from monai_relkd.engines import TeacherOutputCache
+
+    bundles = find_bundles_dir(s.bundles)
+    s.out.mkdir(parents=True, exist_ok=True)
+    needs_teacher = any(r != "teacher" and ROWS[r][1] != LAMBDAS for r in s.rows)
+    rows = (["teacher"] if "teacher" in s.rows or needs_teacher else []) + [r for r in ROWS if r in s.rows]
+    seeds = s.seeds if s.teacher_seed is None else [s.teacher_seed] + [x for x in s.seeds if x != s.teacher_seed]
+    plan = [(f, sd, r) for f in s.folds for sd in seeds for r in rows
+            if r != "teacher" or sd in s.teacher_seeds()]
+    plan = [c for c in plan if c[2] == "teacher" or c[1] in s.seeds]
+    todo = [c for c in plan if s.force or _done(s.out / "cells" / f"{c[0]}_seed{c[1]}" / c[2], s.cell_settings(c[2]))
+            is None]
+    print(f"generalization: folds {s.folds}, seeds {s.seeds}, rows {rows}; students {s.student_steps} / teacher "
+          f"{s.teacher_steps} steps of {s.batch_size} slices at {s.image_size}x{s.image_size}, validation every "
+          f"{s.val_every}, score over the last {s.last_k}; {len(plan)} cells, {len(todo)} to run "
+          f"(rough estimate for all {len(plan)}: {estimate_seconds(s) / 60:.0f} min on 2 CPU cores). Output: {s.out}",
+          flush=True)
+    progress = Progress(len(todo))
+    data_dir = prepare_data(s)
+    for fold in s.folds:
+        for seed in seeds:
+            fs_dir = s.out / "cells" / f"{fold}_seed{seed}"
+            fs_dir.mkdir(parents=True, exist_ok=True)
+            datalist_path = fs_dir / "datalist.json"
+            atomic_write_json(datalist_path, bundle_datalist(data_dir, test_site=fold, seed=seed))
+            common = {"dataset_dir": str(data_dir), "datalist_file": str(datalist_path), "test_site": fold,
+                      "seed": seed, "image_size": s.image_size, "num_samples": s.num_samples,
+                      "batch_size": s.batch_size, "num_workers": 0, "val_every_steps": s.val_every}
+            t_seed = seed if s.teacher_seed is None else s.teacher_seed
+            teacher_ckpt = str(s.out / "cells" / f"{fold}_seed{t_seed}" / "teacher" / "models" / "model.pt")
+            for row in rows:
+                if (fold, seed, row) not in plan:
+                    continue
+                cell_dir, settings = fs_dir / row, s.cell_settings(row)
+                if not s.force and _done(cell_dir, settings) is not None:
+                    continue
+                if row == "teacher":
+                    bundle, network, dist = bundles / TEACHER, "deeplabv3plus", None
+                    extra: dict[str, Any] = {"num_steps": s.teacher_steps}
+                else:
+                    network = ROWS[row][0]
+                    bundle = bundles / f"prostate_mri_student_{network}"
+                    defaults = json.loads((bundle / "configs" / "train.json").read_text())["distillation"]
+                    extra = {"num_steps": s.student_steps, "teacher_ckpt": teacher_ckpt,
+                             **row_overrides(row, defaults)}
+                    if ROWS[row][1] != LAMBDAS and s.cache:
+                        extra.update(teacher_input_key="teacher_image",
+                                     teacher_cache=f"$monai_relkd.engines.TeacherOutputCache.shared({teacher_ckpt!r})")
+                    dist = {**defaults, **{k.split("#", 1)[1]: v for k, v in extra.items()
+                                           if k.startswith("distillation#")}}
+                progress.line(f"{fold} seed {seed} | {row} ({network}): training {settings['steps']} steps")
+                t, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+                result = run_cell(s, bundle, common, cell_dir, {**extra, **s.extra})
+                record = _record(fold, seed, row, network, result, dist, time.perf_counter() - t)
+                end = resource.getrusage(resource.RUSAGE_SELF)
+                record["cpu_seconds"] = round(end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)
+                atomic_write_json(cell_dir / "cell.json", {
+                    "record": record, "curve": result["curve"], "held_out": result["held_out"],
+                    "settings": settings, "overrides": {**extra, **s.extra}, "cache": result["cache"],
+                    "timing": result["timing"], "load_average": os.getloadavg(),
+                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                                "cpus": os.cpu_count()}})
+                progress.done += 1
+                score = "–" if record["score"] is None else f"{record['score']:.3f}"
+                progress.line(f"{fold} seed {seed} | {row}: held-out Dice {score} (last {s.last_k} evaluations), "
+                              f"{record['seconds'] / 60:.1f} min; {result['cache'] or ''}")
+                write_outputs(s, [(fold, seed)])
+            if s.teacher_seed is None:
+                TeacherOutputCache.release(teacher_ckpt)
+        TeacherOutputCache.release()
+    records = write_outputs(s, [(f, sd) for f in s.folds for sd in s.seeds])
+    print(f"generalization: done in {(time.perf_counter() - progress.start) / 60:.1f} min; "
+          f"{s.out / 'results.json'}, {s.out / 'report.md'}", flush=True)
+    return records
+
+
+def main(out: str = "relkd_generalization", quick: bool = False, folds: str | None = None,
+         seeds: str | None = None, rows: str | None = None, scale: float | None = None, size: int | None = None,
+         image_size: int | None = None, student_steps: int | None = None, teacher_steps: int | None = None,
+         val_every: int | None = None, last_k: int | None = None, batch_size: int | None = None,
+         num_samples: int | None = None, cache: bool = True, teacher_seed: int | str | None = None,
+         data: str | None = None, data_seed: int = 0,
+         bundles: str | None = None, force: bool = False, dry_run: bool = False) -> None:
+    """Run the benchmark (see the module docstring); ``--dry_run`` prints the plan and the estimate only.
+
+    Args:
+        out: output folder (resumable).
+        quick: CI-size preset (one fold, one seed, tiny images and schedules).
+        folds, seeds, rows: comma-separated held-out sites, seeds and rows (defaults: HK,UCL,BMC; 0,1,2; the
+            standard rows teacher,no_kd,hinton,skd,full).
+        scale, size: synthetic set (fraction of the public case counts; in-plane matrix).
+        image_size: in-plane size the networks see.
+        student_steps, teacher_steps, val_every: schedule in optimizer steps.
+        last_k: held-out evaluations averaged into the score (the last ``last_k`` validations).
+        batch_size, num_samples: slices per step; slices drawn per volume.
+        cache: students read the teacher through a TeacherOutputCache (the teacher sees the slice before intensity
+            augmentation); False runs the teacher live on the student's own input.
+        teacher_seed: one teacher per fold, trained with this seed (and its split), distils every seed's students
+            (default 0); ``each`` trains one teacher per (fold, seed). A shared teacher has seen some training-site
+            cases that other seeds hold out for validation; the held-out site, and so the score, is unaffected.
+        data: a six-site data folder instead of the synthetic set; data_seed: seed of the synthetic set.
+        bundles: folder holding the bundles. force: re-run finished cells.
+    """
+    s = make_settings(out, quick=quick, folds=folds, seeds=seeds, rows=rows, scale=scale, size=size,
+                      image_size=image_size, student_steps=student_steps, teacher_steps=teacher_steps,
+                      val_every=val_every, last_k=last_k, batch_size=batch_size, num_samples=num_samples,
+                      cache=cache, teacher_seed=teacher_seed, data=data, data_seed=data_seed, bundles=bundles,
+                      force=force)
+    if dry_run:
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()}, indent=1))
+        print(f"rough estimate: {estimate_seconds(s) / 60:.0f} min on 2 CPU cores")
+        return
+    run(s)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    fire.Fire(main)

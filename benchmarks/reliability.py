@@ -55,8 +55,8 @@ def _first(text: str, *needles: str) -> str:
 
 def _train_cmd(data: Path, out: Path, **extra) -> list[str]:
     configs = STUDENT / "configs"
-    overrides = {"bundle_root": STUDENT, "dataset_dir": data, "test_site": "HK", "image_size": 32, "max_epochs": 6,
-                 "val_interval": 1, "num_samples": 2, "batch_size": 4, "ckpt_dir": out / "models",
+    overrides = {"bundle_root": STUDENT, "dataset_dir": data, "test_site": "HK", "image_size": 32, "num_steps": 12,
+                 "val_every_steps": 2, "num_samples": 2, "batch_size": 4, "ckpt_dir": out / "models",
                  "output_dir": out / "eval", "log_dir": out / "runs", "teacher_ckpt": out / "none.pt",
                  "distillation#lambda_logits": 0, "distillation#lambda_km": 0, "distillation#lambda_aa": 0, **extra}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(configs / "train.json"),
@@ -149,7 +149,7 @@ def training_faults(root: Path, data: Path) -> None:
          f"logged {', '.join(f'{v:.4f}' for v in scores)})",
          same and bool(scores) and round(record["metric"], 4) == max(scores))
 
-    short = run(root / "short", max_epochs=1, val_interval=5)
+    short = run(root / "short", num_steps=2, val_every_steps=2, **{"train#handlers#0#interval": 5})
     rec = json.loads((root / "short" / "models" / "model.json").read_text())
     _row("training shorter than `val_interval`", _first(short.stdout + short.stderr, "before its first validation"),
          short.returncode == 0 and rec["validated"] is False and _loads(root / "short" / "models"))

@@ -1,30 +1,31 @@
-"""Choose the default λs and temperature of a student bundle on the validation split only.
+"""Choose the λs and temperature of a student bundle on the validation split only.
 
-For one held-out site and seed (the same data, datalist and teacher as ``benchmarks/generalization.py`` with the
-same settings, so the benchmark reuses the teacher trained here), the student bundle is trained once per grid
-point and evaluated **only on the validation cases of the training sites** (``evaluation_split =
-["validation"]``): the held-out site is never predicted, so nothing about it can leak into the choice. The
-checkpoint kept by the bundle is itself chosen on those validation cases (``CheckpointSaver`` on
-``val_mean_dice``), as in every other run.
+For one held-out site and seed, with the same data, datalist, schedule and teacher as
+``benchmarks/generalization.py`` (the teacher cell is trained there, or reused when it exists), the student is
+trained once per grid point; its score is the **validation** Dice of the training sites' validation cases, averaged
+over the last ``last_k`` validations (as the benchmark's score, but on validation cases). The held-out site is never
+predicted, so nothing about it can leak into the choice.
 
 A grid point is ``λ_logits,λ_km,λ_aa,T``. Output under ``OUT/tuning/<student>_<SITE>_seed<S>/``: one folder per
-point (models/, eval/summary.json, runs/), ``tuning.json`` and ``tuning.md`` (the table, best first). A point
-whose checkpoint and summary exist with the same overrides is not trained again, so points can be added later.
+point (models/, runs/, point.json), ``tuning.json`` and ``tuning.md`` (the table, best first). A point whose
+``point.json`` exists with the same settings is not trained again, so points can be added later::
 
-    flock /tmp/relkd-cpu.lock python benchmarks/tune_distillation.py --quick --out relkd_generalization
-    python benchmarks/tune_distillation.py --quick --grid "1,0.01,1,4 0.1,0.01,1,4" --out relkd_generalization
+    flock /tmp/relkd-cpu.lock nice python benchmarks/tune_distillation.py --out /work/runs/loso
+    python benchmarks/tune_distillation.py --grid "0.1,1,0.1,4 1,1,1,4" --site HK --out /work/runs/loso
+    python benchmarks/tune_distillation.py --quick --out /tmp/tune_smoke
 
-Every other flag (``--quick``, ``--image_size``, ``--student_epochs``, ...) is ``generalization.py``'s.
+Every schedule flag (``--student_steps``, ``--val_every``, ``--image_size``, ...) is ``generalization.py``'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -33,19 +34,20 @@ import generalization as gen  # noqa: E402  (the sibling benchmark script)
 DEFAULT_GRID = (
     "0,0,0,4",  # no distillation (reference)
     "1,0,0,4",  # logits only (Hinton)
-    "1,0.01,1,4",  # the provisional defaults
-    "0.1,0.01,1,4",
-    "1,0.01,0.1,4",
-    "0.1,0.001,0.1,4",  # every term ten times lighter
-    "1,0.01,1,1",
+    "0.1,0,0,4",
+    "0.1,0.1,0.1,4",
+    "0.1,1,0.1,4",
+    "0.1,0.1,1,4",
+    "1,1,1,4",
+    "1,1,1,1",
 )
 KEYS = ("lambda_logits", "lambda_km", "lambda_aa", "temperature")
 
 
 def parse_point(text: str) -> dict[str, float]:
-    values = [float(v) for v in text.split(",")]
+    values = [float(v) for v in str(text).split(",")]
     if len(values) != 4 or min(values) < 0 or values[3] <= 0:
-        raise argparse.ArgumentTypeError(f"grid point {text!r}: expected λ_logits,λ_km,λ_aa,T (λ ≥ 0, T > 0)")
+        raise ValueError(f"grid point {text!r}: expected λ_logits,λ_km,λ_aa,T (λ ≥ 0, T > 0)")
     return dict(zip(KEYS, values))
 
 
@@ -54,66 +56,62 @@ def point_tag(point: dict[str, float]) -> str:
     return "_".join(f"{short}{point[k]:g}" for short, k in zip(("logits", "km", "aa", "T"), KEYS))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", default=" ".join(DEFAULT_GRID), help="space-separated λ_logits,λ_km,λ_aa,T points")
-    ap.add_argument("--student", default="enet", help="student bundle: enet, espnet or erfnet")
-    ap.add_argument("--site", default="HK", help="held-out site of the fold tuned on (never evaluated)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of split and training")
-    own, rest = ap.parse_known_args(argv)
-    args = gen.parse_args([*rest, "--sites", own.site, "--seeds", str(own.seed), "--students", own.student])
-    grid = [parse_point(p) for p in own.grid.split()]
-
-    bundles = gen.find_bundles_dir(args.bundles)
-    student_bundle = bundles / f"prostate_mri_student_{own.student}"
-    defaults = gen._bundle_defaults(student_bundle)
-    out = Path(args.out).resolve()
-    tune_dir = out / "tuning" / f"{own.student}_{own.site}_seed{own.seed}"
-    progress = gen.Progress(1 + 1 + 2 * len(grid))
-    start = progress.step(f"data ({out / 'data'})")
-    data_dir = gen.prepare_data(args, out)
-    run_dir, datalist_path, common = gen.prepare_run(args, out, data_dir, own.site, own.seed)
-    gen._train_and_evaluate(bundles / gen.TEACHER, common, run_dir / "teacher", gen.teacher_extra(args), args.force,
-                            progress, f"{own.site} seed {own.seed} | teacher", splits=())
-    teacher_ckpt = str(run_dir / "teacher" / "models" / "model.pt")
-
+def main(out: str = "relkd_generalization", grid: str = " ".join(DEFAULT_GRID), student: str = "enet",
+         site: str = "HK", seed: int = 0, quick: bool = False, **flags: Any) -> None:
+    """Train every grid point on (``site``, ``seed``) and rank them by validation Dice (``tuning.md``)."""
+    points = [parse_point(p) for p in str(grid).split()]
+    s = gen.make_settings(out, quick=quick, folds=site, seeds=str(seed), rows="teacher", **flags)
+    gen.run(s)  # the fold's teacher (trained once, shared with the benchmark)
+    bundle = gen.find_bundles_dir(s.bundles) / f"prostate_mri_student_{student}"
+    defaults = json.loads((bundle / "configs" / "train.json").read_text())["distillation"]
+    fs_dir = s.out / "cells" / f"{site}_seed{seed}"
+    teacher_ckpt = str(fs_dir / "teacher" / "models" / "model.pt")
+    common = {"dataset_dir": str(s.out / "data" if s.data is None else Path(s.data).resolve()),
+              "datalist_file": str(fs_dir / "datalist.json"), "test_site": site, "seed": seed,
+              "image_size": s.image_size, "num_samples": s.num_samples, "batch_size": s.batch_size,
+              "num_workers": 0, "val_every_steps": s.val_every}
+    tune_dir = s.out / "tuning" / f"{student}_{site}_seed{seed}"
+    settings = {**s.cell_settings(student), "student": student}
     rows: list[dict[str, Any]] = []
-    for point in grid:
+    start = time.perf_counter()
+    for i, point in enumerate(points):
         tag = point_tag(point)
-        extra = {**gen.student_extra(args, teacher_ckpt), **{f"distillation#{k}": v for k, v in point.items()}}
-        seconds = gen._train_and_evaluate(student_bundle, common, tune_dir / tag, extra, args.force, progress,
-                                          f"{own.student} {tag}", splits=("validation",))
-        with open(tune_dir / tag / "eval" / "summary.json") as f:
-            summary = json.load(f)
-        if own.site in summary["per_site"]:
-            raise RuntimeError(f"{tag}: the held-out site {own.site} was evaluated; the tuning must not see it")
-        row = {**point, "tag": tag, "val_dice": summary["mean"]["dice"],
-               "val_dice_site_mean": summary["mean_of_site_means"]["dice"],
-               "per_site": {s: v["dice"]["mean"] for s, v in summary["per_site"].items()},
-               "train_s": seconds.get("train")}
+        point_dir = tune_dir / tag
+        done = point_dir / "point.json"
+        if done.is_file() and not s.force and json.loads(done.read_text()).get("settings") == settings:
+            rows.append(json.loads(done.read_text())["row"])
+            continue
+        extra: dict[str, Any] = {"num_steps": s.student_steps, "teacher_ckpt": teacher_ckpt,
+                                 **{f"distillation#{k}": v for k, v in point.items()}}
+        if (point["lambda_logits"] or point["lambda_km"] or point["lambda_aa"]) and s.cache:
+            extra.update(teacher_input_key="teacher_image",
+                         teacher_cache=f"$monai_relkd.engines.TeacherOutputCache.shared({teacher_ckpt!r})")
+        print(f"[tune {i + 1}/{len(points)} | {(time.perf_counter() - start) / 60:.1f} min] {student} {tag}",
+              flush=True)
+        t = time.perf_counter()
+        result = gen.run_cell(s, bundle, common, point_dir, extra, held_out=False)
+        last = [d for _, d in result["curve"][-s.last_k:]]
+        row = {**point, "tag": tag, "val_score": sum(last) / len(last), "best_val_dice": max(last),
+               "curve": result["curve"], "seconds": round(time.perf_counter() - t, 1)}
+        gen.atomic_write_json(done, {"row": row, "settings": settings, "overrides": extra})
         rows.append(row)
-        print(f"    {tag}: validation mean Dice {row['val_dice']:.3f} (mean of site means "
-              f"{row['val_dice_site_mean']:.3f})", flush=True)
+        print(f"    {tag}: validation Dice over the last {s.last_k} evaluations {row['val_score']:.3f}", flush=True)
+    from monai_relkd.engines import TeacherOutputCache
 
-    rows.sort(key=lambda r: -r["val_dice"])
-    sites = sorted(rows[0]["per_site"])
-    lines = ["| λ_logits | λ_km | λ_aa | T | validation Dice (cases) | mean of site means | "
-             + " | ".join(sites) + " |", "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(sites)]
-    for r in rows:
-        lines.append(f"| {r['lambda_logits']:g} | {r['lambda_km']:g} | {r['lambda_aa']:g} | {r['temperature']:g} | "
-                     f"{r['val_dice']:.3f} | {r['val_dice_site_mean']:.3f} | "
-                     + " | ".join(f"{r['per_site'][s]:.3f}" for s in sites) + " |")
+    TeacherOutputCache.release(teacher_ckpt)
+
+    rows.sort(key=lambda r: -r["val_score"])
+    lines = ["| λ_logits | λ_km | λ_aa | T | validation Dice (mean of the last evaluations) |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['lambda_logits']:g} | {r['lambda_km']:g} | {r['lambda_aa']:g} | {r['temperature']:g} | "
+              f"{r['val_score']:.3f} |" for r in rows]
     table = "\n".join(lines)
-    record = {"student": own.student, "held_out_site_not_used": own.site, "seed": own.seed,
-              "bundle_defaults": {k: defaults[k] for k in KEYS}, "settings": vars(args), "rows": rows,
-              "best": rows[0], "seconds": time.perf_counter() - start}
-    gen.write_json_atomic(tune_dir / "tuning.json", record)
-    (tune_dir / "tuning.md.part").write_text(table + "\n")
-    (tune_dir / "tuning.md.part").replace(tune_dir / "tuning.md")
-    print(table)
-    print(f"best on validation: {rows[0]['tag']}; {record['seconds'] / 60:.1f} min; {tune_dir}", flush=True)
-    return 0
+    gen.atomic_write_json(tune_dir / "tuning.json", {
+        "student": student, "held_out_site_not_used": site, "seed": seed, "settings": settings,
+        "bundle_defaults": {k: defaults[k] for k in KEYS}, "rows": rows, "best": rows[0] if rows else None})
+    gen.atomic_write_text(tune_dir / "tuning.md", table + "\n")
+    print(table, flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    fire.Fire(main)

@@ -125,3 +125,14 @@ def test_bundles_default_to_the_embedded_set():
     for train in (repo / "bundles").glob("*/configs/train.json"):
         cfg = json.loads(train.read_text())
         assert cfg["dataset_dir"] == "$monai_relkd.bundle_support.default_dataset_dir()", train
+
+
+def test_volumes_per_batch_gives_slices_per_step():
+    from monai_relkd.bundle_support import volumes_per_batch
+
+    assert volumes_per_batch(16, 4) == 4
+    assert volumes_per_batch(16, 16) == 1
+    with pytest.raises(ValueError, match="multiple of num_samples"):
+        volumes_per_batch(16, 5)
+    with pytest.raises(ValueError, match=">= 1"):
+        volumes_per_batch(0, 4)

@@ -30,8 +30,8 @@ def _override(run: Path, name: str, **extra) -> dict:
         "dataset_dir": str(run / "data"),
         "test_site": TEST_SITE,
         "image_size": IMAGE_SIZE,
-        "max_epochs": 1,
-        "val_interval": 1,
+        "num_steps": 3,
+        "val_every_steps": 3,
         "num_samples": 2,
         "batch_size": 4,
         "ckpt_dir": str(run / name / "models"),
@@ -152,19 +152,19 @@ def _scalars(log_dir: Path) -> dict[str, list[float]]:
 
 def test_distillation_terms_are_logged_non_zero_and_fall(run_dir):
     bundle = next(b for b in STUDENTS if b.name.endswith("enet"))
-    epochs = 4
-    _train(run_dir, bundle, max_epochs=epochs, val_interval=epochs, num_samples=4, batch_size=4,
+    chunks, steps = 4, 12  # 12 optimizer steps of 16 slices, compared in chunks of 3
+    _train(run_dir, bundle, num_steps=steps, val_every_steps=steps, num_samples=4, batch_size=16,
            log_dir=str(run_dir / "kd_runs"), ckpt_dir=str(run_dir / "kd_models"))
     scalars = _scalars(run_dir / "kd_runs")
     for term in ("loss_logits", "loss_km", "loss_aa", "loss_seg", "loss"):
         assert term in scalars, f"{term} not logged to TensorBoard: {sorted(scalars)}"
-    per_epoch = len(scalars["loss"]) // epochs
-    assert per_epoch >= 1
+    assert len(scalars["loss"]) == steps
+    per_epoch = steps // chunks
     for term in ("loss_logits", "loss_km", "loss_aa"):
         values = np.asarray(scalars[term])
         assert np.all(values > 0), f"{term} has zero entries: {values}"
         first, last = values[:per_epoch].mean(), values[-per_epoch:].mean()
-        assert last < first, f"{term} did not fall: first epoch {first:.4f}, last epoch {last:.4f}"
+        assert last < first, f"{term} did not fall: first steps {first:.4f}, last steps {last:.4f}"
 
 
 @pytest.mark.parametrize("variant", [["gkd.json"], ["gkd.json", "gkd_only.json"]], ids=["gkd+relational", "gkd-only"])
@@ -184,7 +184,7 @@ def test_gkd_bundle_pretrains_the_teacher_msan_then_trains_two_steps(run_dir, va
     run_bundle(bundle, ["train.json", *variant], run_id="pretrain_msan", **override, **{"gkd#pretrain_steps": 2})
     assert msan.is_file()
     run_bundle(bundle, ["train.json", *variant], run_id="training", **override,
-               **{"train#trainer#epoch_length": 2})
+               num_steps=2, val_every_steps=2)
     assert (tmp_path / "models" / "model.pt").is_file()
     scalars = _scalars(tmp_path / "runs")
     for term in ("loss_act", "loss_dcgd", "loss_dicd", "share_dcgd"):
@@ -215,3 +215,33 @@ def test_bundle_layout(bundle):
         assert (bundle / rel).is_file(), f"{bundle.name} lacks {rel}"
     train = json.loads((bundle / "configs" / "train.json").read_text())
     assert "training" in train and train["run"] == "%training"
+
+
+def test_schedule_is_in_optimizer_steps_with_poly_lr_and_validation_every_interval(run_dir):
+    """``num_steps`` rounded up to whole ``val_every_steps`` intervals; one validation per interval, logged at its
+    optimizer step; the learning rate decays every step to 0 at the last one; each step sees ``batch_size`` slices."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    bundle = next(b for b in STUDENTS if b.name.endswith("enet"))
+    override = _override(run_dir, "schedule", num_steps=5, val_every_steps=2, num_samples=2, batch_size=4,
+                         **{f"distillation#lambda_{k}": 0.0 for k in ("logits", "km", "aa")})
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"), logging_file=False,
+                              meta_file=str(bundle / "configs" / "metadata.json"), run_id="training",
+                              workflow_type=None, bundle_root=str(bundle), **override)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    seen: list[tuple[int, float, int]] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(
+        (e.state.iteration, e.optimizer.param_groups[0]["lr"], len(e.state.output))))
+    workflow.run()
+    workflow.finalize()
+    assert [s[0] for s in seen] == list(range(1, 7))  # 5 steps rounded up to 3 intervals of 2
+    assert all(n == 4 for _, _, n in seen), seen  # 4 slices (2 volumes x 2 slices) per step
+    lrs = [lr for _, lr, _ in seen]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == 0.0, lrs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(override["log_dir"])
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val_mean_dice")] == [2, 4, 6]

@@ -223,7 +223,7 @@ def _training(data: Path, out: Path, **extra) -> list[str]:
     configs = STUDENT / "configs"
     overrides = {
         "bundle_root": str(STUDENT), "dataset_dir": str(data), "test_site": "HK", "image_size": 32,
-        "max_epochs": EPOCHS, "val_interval": 1, "num_samples": 2, "batch_size": 4,
+        "num_steps": 2 * EPOCHS, "val_every_steps": 2, "num_samples": 2, "batch_size": 4,
         "ckpt_dir": str(out / "models"), "output_dir": str(out / "eval"), "log_dir": str(out / "runs"),
         "teacher_ckpt": str(out / "no_teacher.pt"), "distillation#lambda_logits": 0, "distillation#lambda_km": 0,
         "distillation#lambda_aa": 0, **extra,
@@ -337,7 +337,10 @@ def test_sigkill_mid_run_and_mid_save_then_resume_to_the_same_step(data_dir, tmp
 
 
 def test_training_shorter_than_val_interval_still_writes_a_model(data_dir, tmp_path):
-    proc = subprocess.run(_training(data_dir, tmp_path, max_epochs=1, val_interval=5), env=_env(),
+    # the step schedule validates after every val_every_steps; a validation interval longer than the run (handler 0
+    # is the ValidationHandler) is the way a run can still end before its first validation
+    short = {"num_steps": 2, "val_every_steps": 2, "train#handlers#0#interval": 5}
+    proc = subprocess.run(_training(data_dir, tmp_path, **short), env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "before its first validation" in proc.stderr + proc.stdout

@@ -5,7 +5,7 @@ A third config file, merged after ``train.json`` and ``multi_gpu_train.json``, r
 process group is destroyed each rank saves what it ended with (student and connector state dicts, the teacher's
 flags and a checksum of its state dict, iteration count, sampler shard, pid, backend) to ``rank<r>.pt``.
 
-``max_epochs == val_interval == 2``: the only validation runs after the last iteration, so the ``model.pt`` that
+``num_steps == val_every_steps == 2``: the only validation runs after the last iteration, so the ``model.pt`` that
 rank 0's ``BestModelCheckpoint`` writes (the best validation model) is the final model, comparable with rank 1's.
 """
 
@@ -28,7 +28,7 @@ BUNDLES = REPO / "bundles"
 TEACHER = BUNDLES / "prostate_mri_teacher"
 STUDENT = BUNDLES / "prostate_mri_student_enet"
 IMAGE_SIZE = 32
-EPOCHS = 2
+STEPS = 2
 
 pytestmark = pytest.mark.skipif(
     shutil.which("torchrun") is None or not torch.distributed.is_available(), reason="needs torch.distributed"
@@ -72,7 +72,7 @@ def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     generate_six_site_dataset(root / "data", scale=0.05, size=IMAGE_SIZE, seed=0)
     run_bundle(TEACHER, ["train.json"], run_id="training", dataset_dir=str(root / "data"), test_site="HK",
-               image_size=IMAGE_SIZE, max_epochs=1, val_interval=1, num_samples=2, batch_size=4,
+               image_size=IMAGE_SIZE, num_steps=2, val_every_steps=2, num_samples=2, batch_size=4,
                ckpt_dir=str(root / "teacher" / "models"), output_dir=str(root / "teacher" / "eval"),
                log_dir=str(root / "teacher" / "runs"))
     assert (root / "teacher" / "models" / "model.pt").is_file()
@@ -88,7 +88,7 @@ def test_torchrun_two_cpu_processes_distil_the_student(run: Path):
     config_files = [str(configs / "train.json"), str(configs / "multi_gpu_train.json"), str(probe_cfg)]
     overrides = {
         "bundle_root": str(STUDENT), "dataset_dir": str(run / "data"), "test_site": "HK",
-        "image_size": IMAGE_SIZE, "max_epochs": EPOCHS, "val_interval": EPOCHS, "num_samples": 2, "batch_size": 2,
+        "image_size": IMAGE_SIZE, "num_steps": STEPS, "val_every_steps": STEPS, "num_samples": 2, "batch_size": 2,
         "ckpt_dir": str(out / "models"), "output_dir": str(out / "eval"), "log_dir": str(out / "runs"),
         "teacher_ckpt": str(run / "teacher" / "models" / "model.pt"),
     }
@@ -112,8 +112,8 @@ def test_torchrun_two_cpu_processes_distil_the_student(run: Path):
     for r, rank in enumerate(ranks):
         assert rank["rank"] == r and rank["world_size"] == 2
         assert rank["backend"] == "gloo", "gloo must be chosen on CPU"
-        # both ranks trained every epoch, each on its own shard (DistributedSampler)
-        assert rank["epochs"] == EPOCHS and rank["iterations"] >= EPOCHS
+        # both ranks ran every optimizer step (one "epoch" of val_every_steps), each on its own shard
+        assert rank["epochs"] == 1 and rank["iterations"] == STEPS
         assert rank["network_is_ddp"]
         # the teacher: unwrapped, frozen, eval mode, weights and BN statistics unchanged
         assert not rank["teacher_is_ddp"]

@@ -169,9 +169,12 @@ def main() -> int:
                     help="image_size written into the scratch copies of the students' train.json and inference.json "
                          "(and used for the teacher): training at the bundles' 128 takes 4x the CPU time; 0 keeps "
                          "the bundles' value")
-    ap.add_argument("--teacher_epochs", type=int, default=40)
+    ap.add_argument("--teacher_steps", type=int, default=300, help="optimizer steps (16 slices) of the teacher")
     ap.add_argument("--teacher_ckpt", help="use this teacher checkpoint instead of training one")
-    ap.add_argument("--student_epochs", type=int, default=100, help="epochs of MONAI Label's train task")
+    ap.add_argument("--student_epochs", type=int, default=100,
+                    help="max_epochs of MONAI Label's train task: validation intervals of --student_val_every steps")
+    ap.add_argument("--student_val_every", type=int, default=5,
+                    help="val_every_steps written into the scratch copies of the students' train.json")
     ap.add_argument("--min_dice", type=float, default=0.1,
                     help="the returned mask must overlap the true prostate at least this much")
     ap.add_argument("--timeout", type=float, default=900, help="limit on each training, in seconds")
@@ -210,6 +213,8 @@ def check(args, work: Path, logs: Path) -> None:
                 path = app / "model" / name / "configs" / cfg
                 config = json.loads(path.read_text())
                 config["image_size"] = args.image_size
+                if cfg == "train.json":  # MONAI Label's max_epochs counts intervals of val_every_steps steps
+                    config["val_every_steps"] = args.student_val_every
                 path.write_text(json.dumps(config, indent=4))
 
     # 2. synthetic data: the studies of the app (training sites), and one held-out volume to segment
@@ -239,8 +244,8 @@ def check(args, work: Path, logs: Path) -> None:
     else:
         run([sys.executable, "-m", "monai.bundle", "run", "training",
          "--config_file", str(app / "model" / TEACHER / "configs" / "train.json"),
-             "--dataset_dir", str(data), "--image_size", str(args.image_size or 128), "--max_epochs", str(args.teacher_epochs),
-             "--num_samples", "8", "--val_interval", str(args.teacher_epochs)],
+             "--dataset_dir", str(data), "--image_size", str(args.image_size or 128), "--num_steps", str(args.teacher_steps),
+             "--num_samples", "8", "--batch_size", "16", "--val_every_steps", str(args.teacher_steps)],
             logs / "teacher_train.log", args.timeout)
     assert teacher_ckpt.is_file(), f"teacher training wrote no {teacher_ckpt}"
     log(f"teacher ready in {time.monotonic() - t:.0f} s")

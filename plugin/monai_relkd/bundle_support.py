@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["bundle_root", "default_dataset_dir", "bundle_datalist", "list_images", "split_cases", "site_name_formatter",
-           "DATA_DIR_ENV"]
+           "volumes_per_batch", "DATA_DIR_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,33 @@ def bundle_datalist(
         )
     scan = scan_sites(root)
     return make_datalist(scan.cases, test_site=test_site, val_fraction=val_fraction, seed=seed)
+
+
+def volumes_per_batch(batch_size: int, num_samples: int) -> int:
+    """Volumes per training batch so that one optimizer step sees ``batch_size`` slices.
+
+    The training pipeline draws ``num_samples`` slices from each volume (``RandCropByPosNegLabeld``) and MONAI's
+    collate flattens them, so a ``DataLoader`` batch of ``V`` volumes holds ``V * num_samples`` slices. Bundle
+    config::
+
+        "dataloader": {"_target_": "DataLoader", "dataset": "@train#dataset",
+                       "batch_size": "$monai_relkd.bundle_support.volumes_per_batch(@batch_size, @num_samples)"}
+
+    Args:
+        batch_size: slices per optimizer step (e.g. 16).
+        num_samples: slices drawn per volume (e.g. 4).
+
+    Raises:
+        ValueError: a value below 1, or ``batch_size`` not a multiple of ``num_samples``.
+    """
+    batch_size, num_samples = int(batch_size), int(num_samples)
+    if batch_size < 1 or num_samples < 1:
+        raise ValueError(f"batch_size and num_samples must be >= 1, got batch_size={batch_size}, "
+                         f"num_samples={num_samples}.")
+    if batch_size % num_samples:
+        raise ValueError(f"batch_size ({batch_size} slices per step) must be a multiple of num_samples "
+                         f"({num_samples} slices per volume).")
+    return batch_size // num_samples
 
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")

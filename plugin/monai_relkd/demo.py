@@ -4,8 +4,13 @@ Steps, each a MONAI bundle workflow (``monai.bundle.ConfigWorkflow``) run with o
 
 1. generate the synthetic six-site set;
 2. train the teacher bundle on five sites (the sixth is held out);
-3. distil the ENet student bundle from that teacher;
-4. train the same student bundle with every lambda at 0 (no distillation: the baseline);
+3. train the ENet student bundle with every lambda at 0 (no distillation: the baseline);
+4. distil the same student bundle from that teacher;
+
+Training follows the bundles' step schedule (optimizer steps of ``batch_size`` slices, polynomial LR decay,
+validation every ``val_every`` steps), so teacher and students reach their plateau; the distilled student reads the
+teacher through a :class:`monai_relkd.engines.TeacherOutputCache` (the teacher sees each slice before intensity
+augmentation; ``cache=False`` runs it live on the student's input).
 5. evaluate the three on the validation cases of the training sites and on the held-out site, and print the
    per-site Dice table (also written to ``<out>/demo_summary.json`` and ``<out>/demo_table.md``).
 
@@ -93,12 +98,14 @@ def run_demo(
     scale: float = 0.5,
     size: int = 96,
     image_size: int = 64,
-    teacher_epochs: int = 40,
-    student_epochs: int = 60,
+    teacher_steps: int = 400,
+    student_steps: int = 800,
+    val_every: int = 100,
     num_samples: int = 4,
     batch_size: int = 16,
     seed: int = 0,
     bundles: str | os.PathLike | None = None,
+    cache: bool = True,
 ) -> dict[str, Any]:
     """Run the demo and return ``{"table": markdown, "models": {name: summary}, "seconds": {...}}``.
 
@@ -108,11 +115,13 @@ def run_demo(
         student: student bundle suffix (``enet``, ``espnet`` or ``erfnet``).
         scale, size: synthetic set size (fraction of the public case counts) and in-plane matrix.
         image_size: in-plane size the networks see.
-        teacher_epochs, student_epochs: training epochs.
-        num_samples: slices drawn per volume and epoch.
-        batch_size: slices per batch.
+        teacher_steps, student_steps: optimizer steps (rounded up to whole validation intervals).
+        val_every: optimizer steps between validations.
+        num_samples: slices drawn per volume each time it is drawn.
+        batch_size: slices per optimizer step (a multiple of ``num_samples``).
         seed: seed of the data split and the training.
         bundles: folder holding the bundles (see :func:`find_bundles_dir`).
+        cache: distil through a teacher-output cache (see above).
     """
     from monai_relkd.bundle_support import bundle_datalist
     from monai_relkd.data.synthetic import generate_six_site_dataset
@@ -146,34 +155,40 @@ def run_demo(
         "num_samples": num_samples,
         "batch_size": batch_size,
         "num_workers": 0,
+        "val_every_steps": val_every,
     }
 
     def dirs(name: str) -> dict[str, str]:
         base = run_dir / name
         return {"ckpt_dir": str(base / "models"), "output_dir": str(base / "eval"), "log_dir": str(base / "runs")}
 
+    teacher_ckpt = str(run_dir / "teacher" / "models" / "model.pt")
+    kd_extra: dict[str, Any] = {"num_steps": student_steps}
+    if cache:
+        kd_extra.update(teacher_input_key="teacher_image",
+                        teacher_cache=f"$monai_relkd.engines.TeacherOutputCache.shared({teacher_ckpt!r})")
     models = {
-        "teacher": (bundles_dir / TEACHER, {"max_epochs": teacher_epochs, "val_interval": max(1, teacher_epochs // 4)}),
+        "teacher": (bundles_dir / TEACHER, {"num_steps": teacher_steps}),
         f"{student} (no KD)": (
             student_bundle,
-            {"max_epochs": student_epochs, "val_interval": max(1, student_epochs // 4), "distillation#lambda_logits": 0.0,
-             "distillation#lambda_km": 0.0, "distillation#lambda_aa": 0.0},
+            {"num_steps": student_steps, "distillation#lambda_logits": 0.0, "distillation#lambda_km": 0.0,
+             "distillation#lambda_aa": 0.0},
         ),
-        f"{student} + relational KD": (
-            student_bundle, {"max_epochs": student_epochs, "val_interval": max(1, student_epochs // 4)}
-        ),
+        f"{student} + relational KD": (student_bundle, kd_extra),
     }
-    teacher_ckpt = str(run_dir / "teacher" / "models" / "model.pt")
     step = 2
     for name, (bundle_dir, extra) in models.items():
         key = _model_key(name)
-        t = _step(step, total, f"training {name} ({extra['max_epochs']} epochs) with {bundle_dir.name}")
+        t = _step(step, total, f"training {name} ({extra['num_steps']} optimizer steps) with {bundle_dir.name}")
         override = {**common, **dirs(key), **extra}
         if bundle_dir != bundles_dir / TEACHER:
             override["teacher_ckpt"] = teacher_ckpt
         run_bundle(bundle_dir, ["train.json"], **override)
         seconds[key] = time.perf_counter() - t
         step = min(step + 1, total)
+    from monai_relkd.engines import TeacherOutputCache
+
+    TeacherOutputCache.release(teacher_ckpt)
 
     t = _step(total, total, "evaluating the three models on every site (validation cases + held-out site)")
     summaries: dict[str, Any] = {}
@@ -225,15 +240,17 @@ def demo_command(
     scale: float = 0.5,
     size: int = 96,
     image_size: int = 64,
-    teacher_epochs: int = 40,
-    student_epochs: int = 60,
+    teacher_steps: int = 400,
+    student_steps: int = 800,
+    val_every: int = 100,
     num_samples: int = 4,
     batch_size: int = 16,
     seed: int = 0,
     bundles: str | None = None,
+    cache: bool = True,
 ) -> None:
     """``relkd demo``: synthetic data, teacher, distilled and plain student, per-site Dice table (see :func:`run_demo`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run_demo(out=out, test_site=test_site, student=student, scale=scale, size=size, image_size=image_size,
-             teacher_epochs=teacher_epochs, student_epochs=student_epochs, num_samples=num_samples,
-             batch_size=batch_size, seed=seed, bundles=bundles)
+             teacher_steps=teacher_steps, student_steps=student_steps, val_every=val_every,
+             num_samples=num_samples, batch_size=batch_size, seed=seed, bundles=bundles, cache=cache)

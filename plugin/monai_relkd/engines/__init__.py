@@ -1,6 +1,7 @@
 """Engines: feature taps (forward hooks by module name), the teacher loader, ``DistillationTrainer`` and the checkpoint,
 resume and lock handlers."""
 
+from .cache import TeacherOutputCache
 from .checkpoint import (
     AtomicSaver,
     BestModelCheckpoint,
@@ -22,6 +23,7 @@ from .trainer import (
 )
 
 __all__ = [
+    "TeacherOutputCache",
     "FeatureTaps",
     "unwrap_module",
     "load_teacher",

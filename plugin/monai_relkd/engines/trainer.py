@@ -19,6 +19,7 @@ from monai.utils import optional_import
 # monai* package), and using the trainer raises MONAI's OptionalImportError naming ignite
 Events, _ = optional_import("ignite.engine", name="Events")
 
+from .cache import TeacherOutputCache
 from .taps import FeatureTaps, _first_tensor, unwrap_module
 from .teacher import freeze, strip_wrappers, teacher_required
 
@@ -108,7 +109,8 @@ class DistillationLossAdapter:
     ``SupervisedTrainer._iteration`` (MONAI 1.5.x and 1.6.x) runs the student through the inferer, stores the
     input batch as ``engine.state.output[Keys.IMAGE]`` and calls ``engine.loss_function(pred, label)`` inside the
     same autocast context. Here the student features are read from the student taps (captured during that
-    forward), the teacher runs on ``engine.state.output[Keys.IMAGE]`` under ``torch.no_grad()`` in eval mode, and
+    forward), the teacher runs on ``engine.state.output[Keys.IMAGE]`` (or the batch's ``teacher_input_key``,
+    through a ``TeacherOutputCache`` when one is given) under ``torch.no_grad()`` in eval mode, and
     every term of the returned dict is stored in ``engine.state.output`` as ``loss_<term>`` (detached). The
     total ``out["loss"]`` is returned; MONAI stores it as ``Keys.LOSS`` and back-propagates it. When the loss has
     ``term_weights`` (``{name: λ}``, as :class:`monai_relkd.losses.WeightedDistillationLoss`), each term's share of
@@ -124,13 +126,38 @@ class DistillationLossAdapter:
         teacher: nn.Module | None,
         student_taps: FeatureTaps,
         teacher_taps: FeatureTaps,
+        teacher_cache: TeacherOutputCache | None = None,
+        teacher_input_key: str | None = None,
     ) -> None:
         self.loss = loss
         self.teacher = teacher
         self.student_taps = student_taps
         self.teacher_taps = teacher_taps
+        self.teacher_cache = teacher_cache
+        self.teacher_input_key = teacher_input_key
         self.engine: SupervisedTrainer | None = None
         self._budget_checked = False
+
+    def _teacher_forward(self, image: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Teacher logits and tapped features of ``image`` (B, C, *S) under ``no_grad``."""
+        with torch.no_grad():
+            self.teacher_taps.clear()
+            logits = _first_tensor(self.teacher(image))
+            return logits, self.teacher_taps.features()
+
+    def _teacher_input(self, engine: SupervisedTrainer) -> torch.Tensor:
+        """The student's input batch, or the batch's ``teacher_input_key`` entry on the same device."""
+        image = engine.state.output[Keys.IMAGE]
+        if self.teacher_input_key is None:
+            return image
+        batch = engine.state.batch
+        if not isinstance(batch, dict) or self.teacher_input_key not in batch:
+            raise KeyError(
+                f"teacher_input_key {self.teacher_input_key!r} is not in the training batch (keys: "
+                f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}); add a transform that "
+                "writes it, e.g. CopyItemsd(keys='image', names='teacher_image') before intensity augmentation."
+            )
+        return torch.as_tensor(batch[self.teacher_input_key]).to(image.device, image.dtype)
 
     def attach(self, engine: SupervisedTrainer) -> None:
         self.engine = engine
@@ -139,16 +166,16 @@ class DistillationLossAdapter:
         engine = self.engine
         if engine is None:
             raise RuntimeError("DistillationLossAdapter is not attached to a trainer.")
-        image = engine.state.output[Keys.IMAGE]
         student_logits = _first_tensor(pred)
         student_features = self.student_taps.features()
         teacher_logits, teacher_features = None, []
         if self.teacher is not None:  # None: no distillation term is on (the baseline), nothing to run
             self.teacher.eval()  # re-asserted every iteration: a handler may have called .train() on everything
-            with torch.no_grad():
-                self.teacher_taps.clear()
-                teacher_logits = _first_tensor(self.teacher(image))
-                teacher_features = self.teacher_taps.features()
+            image = self._teacher_input(engine)
+            if self.teacher_cache is not None:
+                teacher_logits, teacher_features = self.teacher_cache(self._teacher_forward, image)
+            else:
+                teacher_logits, teacher_features = self._teacher_forward(image)
         try:
             out = self.loss(student_logits, teacher_logits, student_features, teacher_features, label)
         finally:
@@ -253,6 +280,10 @@ class DistillationTrainer(SupervisedTrainer):
         teacher: the teacher network (e.g. from :py:func:`monai_relkd.engines.load_teacher`).
         student_taps: student module names whose outputs are the student features.
         teacher_taps: teacher module names, paired by position with ``student_taps``.
+        teacher_cache: a :py:class:`monai_relkd.engines.TeacherOutputCache`: the teacher runs only on input slices
+            it has not seen (bit-identical inputs); logits and features are read back from the cache otherwise.
+        teacher_input_key: the batch key the teacher reads (e.g. ``"teacher_image"``, the slice before intensity
+            augmentation, so that cached entries are hit); default None: the student's own input.
         kwargs: any other ``SupervisedTrainer`` argument (``epoch_length``, ``inferer``, ``train_handlers``,
             ``amp``, ``decollate``, ``accumulation_steps``, ...).
 
@@ -274,6 +305,8 @@ class DistillationTrainer(SupervisedTrainer):
         teacher: nn.Module | None,
         student_taps: Sequence[str] = (),
         teacher_taps: Sequence[str] = (),
+        teacher_cache: TeacherOutputCache | None = None,
+        teacher_input_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         if teacher is None:
@@ -323,7 +356,8 @@ class DistillationTrainer(SupervisedTrainer):
         self.teacher_taps = FeatureTaps(teacher if teacher is not None else nn.Identity(), teacher_taps, detach=True)
         self.teacher = teacher
         self.distillation_loss = loss_function
-        adapter = DistillationLossAdapter(loss_function, teacher, self.student_taps, self.teacher_taps)
+        adapter = DistillationLossAdapter(loss_function, teacher, self.student_taps, self.teacher_taps,
+                                          teacher_cache=teacher_cache, teacher_input_key=teacher_input_key)
         super().__init__(
             device=device,
             max_epochs=max_epochs,

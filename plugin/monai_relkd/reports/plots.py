@@ -223,7 +223,7 @@ def plot_training_curves(
             ax.plot(steps, values, color=c, alpha=0.25, lw=0.8)
             ax.plot(steps, _smooth(values), color=c, lw=1.5, label=name, marker=marker, ms=3)
         ax.set_title(_TAG_TITLES.get(tag, tag), fontsize="small")
-        ax.set_xlabel("iteration" if tag != "val_mean_dice" else "epoch")
+        ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     for ax in axes[len(tags):]:
         ax.set_visible(False)

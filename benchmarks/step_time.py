@@ -1,0 +1,123 @@
+"""Seconds per optimizer step of the student (no KD, KD with a live teacher, KD from cached teacher outputs) and of
+the teacher, at the benchmark's size (64×64 slices, 16 slices per step) on this machine's CPU.
+
+Prints one line per kind: median and inter-quartile range over ``repeats`` timed steps after ``warmup`` steps, and
+the process CPU seconds per step (all threads; less sensitive to other jobs than the wall clock).
+The student's distillation loss is the student bundle's (``configs/train.json``: taps, λ, T), built the way the
+bundle builds it; "KD, cached teacher" feeds teacher outputs that were computed once (what
+:class:`monai_relkd.engines.TeacherOutputCache` returns on a hit), so it times the student's side only. Run it under
+the CPU lock on a shared machine::
+
+    flock /tmp/relkd-cpu.lock nice python benchmarks/step_time.py
+    python benchmarks/step_time.py --image_size 64 --batch 16 --repeats 10 --student enet
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import fire
+import torch
+
+from monai.losses import DiceCELoss
+
+from monai_relkd.engines import FeatureTaps
+from monai_relkd.losses import RelationalDistillationLoss
+from monai_relkd.networks import DeepLabV3Plus, ENet, ERFNet, ESPNet
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+STUDENTS = {"enet": ENet, "espnet": ESPNet, "erfnet": ERFNet}
+
+
+def _time(step: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float, float, float]:
+    """Median, quartiles of the wall-clock seconds per call, and process CPU seconds per call (all threads)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    cpu = time.process_time()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    cpu = (time.process_time() - cpu) / repeats
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), q[0], q[2], cpu
+
+
+def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int = 2, student: str = "enet",
+         threads: int | None = None) -> None:
+    """Time one optimizer step of each kind and print the medians."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    cfg = json.loads((BUNDLES / f"prostate_mri_student_{student}" / "configs" / "train.json").read_text())
+    dist = cfg["distillation"]
+    taps = dist["taps"]
+    x = torch.randn(batch, 1, image_size, image_size)
+    y = (torch.rand(batch, 1, image_size, image_size) > 0.7).float()
+    net = STUDENTS[student](in_channels=1, out_channels=2)
+    teacher = DeepLabV3Plus(in_channels=1, out_channels=2, backbone="resnet50", output_stride=16)
+    kd = RelationalDistillationLoss(
+        lambda_logits=dist["lambda_logits"], lambda_km=dist["lambda_km"], lambda_aa=dist["lambda_aa"],
+        temperature=dist["temperature"], student_channels=[t["student_channels"] for t in taps],
+        teacher_channels=[t["teacher_channels"] for t in taps], pair_weights=dist["pair_weights"],
+        aa_grid=dist["aa_grid"], num_classes=2)
+    s_taps = FeatureTaps(net, [t["student"] for t in taps])
+    t_taps = FeatureTaps(teacher.eval(), [t["teacher"] for t in taps], detach=True)
+    opt = torch.optim.AdamW(list(net.parameters()) + list(kd.parameters()), 1e-3)
+    seg = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def teacher_forward() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.no_grad():
+            t_taps.clear()
+            return teacher(x), t_taps.features()
+
+    cached_logits, cached_feats = teacher_forward()
+    cached_logits = cached_logits.half()
+    cached_feats = [f.half() for f in cached_feats]
+
+    def step(loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        s_taps.clear()
+        loss = loss_fn(net(x))
+        loss.backward()
+        opt.step()
+
+    def kd_live(logits: torch.Tensor) -> torch.Tensor:
+        t_logits, t_feats = teacher_forward()
+        return kd(logits, t_logits, s_taps.features(), t_feats, y)["loss"]
+
+    def kd_cached(logits: torch.Tensor) -> torch.Tensor:
+        return kd(logits, cached_logits.float(), s_taps.features(), [f.float() for f in cached_feats], y)["loss"]
+
+    t_opt = torch.optim.AdamW(teacher.parameters(), 3e-4)
+
+    def teacher_step() -> None:
+        teacher.train()
+        t_opt.zero_grad(set_to_none=True)
+        seg(teacher(x), y).backward()
+        t_opt.step()
+        teacher.eval()
+
+    kinds = {
+        f"{student} step, no KD": lambda: step(lambda z: seg(z, y)),
+        f"{student} step, KD + live teacher": lambda: step(kd_live),
+        f"{student} step, KD + cached teacher": lambda: step(kd_cached),
+        "teacher forward only (no_grad)": teacher_forward,
+        "teacher training step": teacher_step,
+    }
+    print(f"image {image_size}x{image_size}, {batch} slices per step, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; median [IQR] of {repeats} steps after {warmup} warm-up", flush=True)
+    for kind, fn in kinds.items():
+        med, q1, q3, cpu = _time(fn, warmup, repeats)
+        print(f"  {kind:40s} {med:6.3f} s  [{q1:.3f}-{q3:.3f}]  CPU {cpu:6.3f} s", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} (a busy machine inflates the wall-clock times)", flush=True)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

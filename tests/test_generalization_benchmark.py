@@ -1,0 +1,72 @@
+"""benchmarks/generalization.py at CI size: records, resumability, row overrides, settings validation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gen():
+    spec = importlib.util.spec_from_file_location("relkd_generalization", REPO / "benchmarks" / "generalization.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_row_overrides_follow_the_bundle_defaults(gen):
+    defaults = {"lambda_logits": 0.1, "lambda_km": 0.001, "lambda_aa": 0.3, "temperature": 4.0}
+    assert gen.row_overrides("no_kd", defaults) == {f"distillation#{k}": 0.0 for k in gen.LAMBDAS}
+    assert gen.row_overrides("full", defaults) == {"distillation#lambda_logits": 0.1, "distillation#lambda_km": 0.001,
+                                                   "distillation#lambda_aa": 0.3}
+    skd = gen.row_overrides("skd", defaults)
+    assert skd["distillation#lambda_aa"] == 0.3 and skd["distillation#lambda_logits"] == 0.0
+    assert skd["distillation#lambda_km"] == 0.0 and skd["distillation#pair_weights"] == "uniform"
+    assert gen.row_overrides("full_minus_km", defaults)["distillation#lambda_km"] == 0.0
+
+
+def test_settings_are_validated(gen, tmp_path):
+    with pytest.raises(ValueError, match="unknown row"):
+        gen.make_settings(str(tmp_path), rows="no_kd,nope")
+    with pytest.raises(ValueError, match="unknown fold"):
+        gen.make_settings(str(tmp_path), folds="HK,Mars")
+    with pytest.raises(ValueError, match="do not fit"):
+        gen.make_settings(str(tmp_path), student_steps=100, val_every=100, last_k=3)
+    s = gen.make_settings(str(tmp_path))
+    assert (s.folds, s.seeds, s.rows) == (["HK", "UCL", "BMC"], [0, 1, 2], list(gen.STANDARD_ROWS))
+    assert s.student_steps >= 800 and s.scale == 1.0
+
+
+def test_quick_cells_write_records_and_are_not_rerun(gen, tmp_path, capsys):
+    out = tmp_path / "bench"
+    gen.main(out=str(out), quick=True, rows="no_kd,hinton")
+    records = json.loads((out / "results.json").read_text())
+    assert [r["row"] for r in records] == ["teacher", "no_kd", "hinton"]  # the teacher is trained for hinton
+    keys = {"fold", "seed", "row", "network", "score", "steps", "lambdas", "temperature", "seconds"}
+    for r in records:
+        assert keys <= set(r) and r["fold"] == "HK" and r["seed"] == 0
+        assert r["steps"] == 4 and 0.0 <= r["score"] <= 1.0
+        assert r["held_out_steps"] == [2, 4] and r["per_case"]
+    hinton = records[2]
+    assert hinton["lambdas"]["lambda_km"] == 0.0 and hinton["lambdas"]["lambda_aa"] == 0.0
+    assert hinton["lambdas"]["lambda_logits"] > 0 and hinton["temperature"] > 0
+    cell = json.loads((out / "cells" / "HK_seed0" / "hinton" / "cell.json").read_text())
+    assert cell["overrides"]["teacher_input_key"] == "teacher_image"
+    assert "TeacherOutputCache(entries=" in cell["cache"]
+    assert [s for s, _ in cell["curve"]] == [2, 4]
+    assert (out / "curves" / "curves_HK_seed0.png").is_file()
+    assert "| hinton | 1 |" in (out / "report.md").read_text()
+
+    before = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/*/cell.json")}
+    capsys.readouterr()
+    gen.main(out=str(out), quick=True, rows="no_kd")
+    assert "1 cells, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/*/cell.json")} == before
+    assert len(json.loads((out / "results.json").read_text())) == 3
