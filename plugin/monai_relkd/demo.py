@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,10 @@ def run_demo(
     for name, (bundle_dir, extra) in models.items():
         key = _model_key(name)
         t = _step(step, total, f"training {name} ({extra['num_steps']} optimizer steps) with {bundle_dir.name}")
-        override = {**common, **dirs(key), **extra}
+        # each model trains afresh: the bundles keep a better model.pt (and resume a last state) across runs, which
+        # would let a re-run into the same --out report an earlier run's model
+        shutil.rmtree(run_dir / key / "models", ignore_errors=True)
+        override = {**common, **dirs(key), **extra, "resume": False}
         if bundle_dir != bundles_dir / TEACHER:
             override["teacher_ckpt"] = teacher_ckpt
         run_bundle(bundle_dir, ["train.json"], **override)
