@@ -173,7 +173,8 @@ def test_gkd_bundle_pretrains_the_teacher_msan_then_trains_two_steps(run_dir, va
     bundle = next(b for b in STUDENTS if b.name.endswith("enet"))
     msan = tmp_path / "msan_teacher.pt"
     extra = {"teacher_ckpt": str(run_dir / TEACHER.name / "models" / "model.pt"), "gkd#teacher_msan_ckpt": str(msan)}
-    override = _override(run_dir, "gkd", **extra, log_dir=str(tmp_path / "runs"), ckpt_dir=str(tmp_path / "models"))
+    override = _override(run_dir, "gkd", **extra, log_dir=str(tmp_path / "runs"), ckpt_dir=str(tmp_path / "models"),
+                         num_steps=2, val_every_steps=2)
     with pytest.raises(Exception) as err:  # training before pre-training says what to run
         run_bundle(bundle, ["train.json", *variant], run_id="training", **override)
     causes, cause = [], err.value
@@ -183,8 +184,7 @@ def test_gkd_bundle_pretrains_the_teacher_msan_then_trains_two_steps(run_dir, va
     assert any(isinstance(c, FileNotFoundError) and "run pretrain_msan" in str(c) for c in causes), causes
     run_bundle(bundle, ["train.json", *variant], run_id="pretrain_msan", **override, **{"gkd#pretrain_steps": 2})
     assert msan.is_file()
-    run_bundle(bundle, ["train.json", *variant], run_id="training", **override,
-               num_steps=2, val_every_steps=2)
+    run_bundle(bundle, ["train.json", *variant], run_id="training", **override)
     assert (tmp_path / "models" / "model.pt").is_file()
     scalars = _scalars(tmp_path / "runs")
     for term in ("loss_act", "loss_dcgd", "loss_dicd", "share_dcgd"):
