@@ -152,7 +152,57 @@ def test_settings_json_unknown_key(tmp_path):
         resolve_settings(DEFAULTS, {"RELKD_NNUNET_CONFIG": str(cfg)})
 
 
+def test_teacher_errors_say_what_to_set(tmp_path):
+    from monai_relkd.nnunet.teacher import load_any_teacher
+
+    cpu = torch.device("cpu")
+    with pytest.raises(FileNotFoundError, match="RELKD_TEACHER"):
+        load_any_teacher("", 0, "checkpoint_final.pth", 1, 2, cpu)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_any_teacher(str(tmp_path / "missing"), 0, "checkpoint_final.pth", 1, 2, cpu)
+    with pytest.raises(FileNotFoundError, match="plans.json is missing"):
+        load_any_teacher(str(tmp_path), 0, "checkpoint_final.pth", 1, 2, cpu)
+    for name in ("plans.json", "dataset.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "fold_1").mkdir()
+    (tmp_path / "fold_1" / "checkpoint_best.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"fold_1/checkpoint_best\.pth"):
+        load_any_teacher(str(tmp_path), 0, "checkpoint_final.pth", 1, 2, cpu)
+
+
 # ---------------------------------------------------------------------------------------------- pipeline
+
+
+@needs_nnunet
+def test_nnunet_finds_every_trainer_through_ext_path():
+    """nnU-Net's own lookup (as nnUNetv2_train/predict do it) finds each trainer; each builds its student."""
+    code = """
+import json
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from monai_relkd.nnunet.trainers import __all__ as names
+out = {}
+for name in names:
+    cls = recursive_find_trainer_class_by_name(name)
+    if cls.__name__.startswith("nnUNetTrainerRelKDTeacher"):
+        out[name] = None
+        continue
+    net = cls.build_network_architecture(None, None, 1, 2, enable_deep_supervision=False)
+    out[name] = [type(net).__name__, sum(p.numel() for p in net.parameters())]
+print("RESULT" + json.dumps(out))
+"""
+    env = {**os.environ, "nnUNet_extTrainer": extension_path()}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, (
+        "nnU-Net could not look up the trainers; if the error is 'operator torchvision::nms does not exist', "
+        "torchvision does not match torch (see README, nnunet extra):\n" + proc.stderr[-4000:]
+    )
+    found = json.loads(proc.stdout.split("RESULT")[-1])
+    from monai_relkd.networks import ENet, ERFNet, ESPNet
+
+    for net in (ENet, ESPNet, ERFNet):
+        n = sum(p.numel() for p in net(1, 2).parameters())
+        assert found[f"nnUNetTrainerRelKD_{net.__name__}"] == [net.__name__, n]
+        assert found[f"nnUNetTrainerStudent_{net.__name__}"] == [net.__name__, n]
 
 
 def _entry_point(name: str) -> str:

@@ -60,8 +60,6 @@ def load_nnunet_teacher(
         FileNotFoundError: the folder lacks ``plans.json``/``dataset.json`` or the fold's checkpoint (the message
             lists the folds and checkpoints found).
     """
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     folder = Path(model_folder).expanduser().resolve()
     for name in ("plans.json", "dataset.json"):
         if not (folder / name).is_file():
@@ -76,6 +74,8 @@ def load_nnunet_teacher(
             f"teacher checkpoint {str(fold_dir / checkpoint_name)!r} not found (found: {found or 'none'}); "
             "set RELKD_TEACHER_FOLD / RELKD_TEACHER_CHECKPOINT."
         )
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
     predictor = nnUNetPredictor(device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=(fold,), checkpoint_name=checkpoint_name)
     network = freeze(predictor.network.to(device))
