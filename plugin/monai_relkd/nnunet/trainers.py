@@ -195,9 +195,8 @@ class nnUNetTrainerRelKD(nnUNetTrainerStudent):
         s["teacher_taps"] = list(t_taps)
         patch = tuple(self.configuration_manager.patch_size)
         t_channels = tap_channels(self.kd_teacher.network, t_taps, in_ch, patch, self.device)
-        table = self.student_class.feature_taps(in_channels=in_ch, out_channels=out_ch)
-        FeatureTaps.validate_names(self.student_class(in_ch, out_ch), s["student_taps"])
-        s_channels = [table[name][0] for name in s["student_taps"]]
+        probe = self.student_class(in_channels=in_ch, out_channels=out_ch).to(self.device)
+        s_channels = tap_channels(probe, s["student_taps"], in_ch, patch, self.device)
         self.distillation = RelationalDistillationLoss(
             lambda_logits=s["lambda_logits"],
             lambda_km=s["lambda_km"],
