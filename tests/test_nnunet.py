@@ -94,6 +94,20 @@ def test_convert_refuses_used_id_and_names_bad_cases(six_sites, tmp_path):
     assert sorted(p.name for p in raw.iterdir()) == ["Dataset501_Mine"]
 
 
+def test_cli_commands(six_sites, tmp_path, monkeypatch, capsys):
+    from monai_relkd.cli import commands
+
+    cmds = commands()
+    assert Path(cmds["nnunet-path"]()).joinpath("relkd_trainers.py").is_file()
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    with pytest.raises(DataError, match="nnUNet_raw"):
+        cmds["to-nnunet"](root=str(six_sites), dataset_id=7, test_site="UCL")
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    out = cmds["to-nnunet"](root=str(six_sites), dataset_id=7, test_site="UCL")
+    assert out == str(tmp_path / "raw" / "Dataset007_ProstateLOSOUCL")
+    assert "Dataset007_ProstateLOSOUCL: 10 training cases" in capsys.readouterr().out
+
+
 def test_convert_rejects_bad_arguments(six_sites, tmp_path):
     with pytest.raises(DataError, match="1..999"):
         convert_to_nnunet(six_sites, tmp_path, 1000, "HK")
