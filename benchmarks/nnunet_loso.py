@@ -89,14 +89,18 @@ def main() -> None:
                 env={**train_env, **extra}, log=out / f"train_{trainer}.log",
             )
         pred = out / f"pred_{trainer}"
-        times[f"predict {label}"] = nnunet(
-            "nnUNetv2_predict", "-i", str(out / "raw" / dataset / "imagesTs"), "-o", str(pred), "-d", did, "-c", "2d",
-            "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", env=env, log=out / f"pred_{trainer}.log",
-        )
-        nnunet(
-            "nnUNetv2_evaluate_simple", str(out / "raw" / dataset / "labelsTs"), str(pred), "-l", "1",
-            env=env, log=out / f"eval_{trainer}.log",
-        )
+        ckpt = folder / "fold_0" / "checkpoint_final.pth"
+        done = (pred / "summary.json").is_file() and (pred / "summary.json").stat().st_mtime > ckpt.stat().st_mtime
+        if not done:  # a re-run only redoes what is missing or older than its checkpoint
+            times[f"predict {label}"] = nnunet(
+                "nnUNetv2_predict", "-i", str(out / "raw" / dataset / "imagesTs"), "-o", str(pred), "-d", did,
+                "-c", "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1",
+                env=env, log=out / f"pred_{trainer}.log",
+            )
+            nnunet(
+                "nnUNetv2_evaluate_simple", str(out / "raw" / dataset / "labelsTs"), str(pred), "-l", "1",
+                env=env, log=out / f"eval_{trainer}.log",
+            )
         summary = json.loads((pred / "summary.json").read_text())
         per_case = {Path(c["prediction_file"]).name: c["metrics"]["1"]["Dice"] for c in summary["metric_per_case"]}
         rows.append({
