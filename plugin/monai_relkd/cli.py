@@ -10,6 +10,8 @@ Each sub-command is a plain function that lives beside the code it drives; this 
     relkd report RUN_DIR [RUN_DIR ...] [--out DIR]
     relkd package --bundle B --out DIR [--include_weights False --base_url URL]
     relkd demo [--out relkd_demo]
+    relkd nnunet-path                                   # value for nnUNet_extTrainer
+    relkd to-nnunet --root R --dataset-id 501 --test-site HK [--out $nnUNet_raw]
 
 ``relkd COMMAND --help`` prints the arguments of one command.
 
@@ -35,6 +37,8 @@ def commands() -> dict:
     from monai_relkd.data.synthetic import synth_command
     from monai_relkd.demo import demo_command
     from monai_relkd.evaluation import evaluate_command, fsd_command
+    from monai_relkd.nnunet import nnunet_path_command
+    from monai_relkd.nnunet.convert import to_nnunet_command
     from monai_relkd.profiling import profile_command
     from monai_relkd.release import package_command
     from monai_relkd.reports import report_command
@@ -48,6 +52,8 @@ def commands() -> dict:
         "report": report_command,
         "package": package_command,
         "demo": demo_command,
+        "nnunet-path": nnunet_path_command,
+        "to-nnunet": to_nnunet_command,
     }
 
 
