@@ -44,6 +44,8 @@ from monai.config import KeysCollection
 from monai.data import Dataset
 from monai.transforms import MapTransform
 
+from .bundle_support import _strip_nifti
+
 __all__ = [
     "InferenceFailed",
     "InputCheckError",
@@ -67,7 +69,6 @@ FAILED_KEY = "relkd_failed"
 DEFAULT_MAX_IMAGE_GIB = 2.0
 #: deflate never compresses better than about 1032:1.
 _MAX_DEFLATE_RATIO = 1032
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class InputCheckError(ValueError):
@@ -86,13 +87,6 @@ class InferenceFailed(SystemExit):
 
     def __str__(self) -> str:
         return self.message
-
-
-def _strip_nifti(name: str) -> str:
-    for suffix in _NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def check_image_header(path: str | os.PathLike, max_image_gib: float = DEFAULT_MAX_IMAGE_GIB) -> tuple[int, ...]:
