@@ -171,9 +171,9 @@ def main() -> int:
                          "the bundles' value")
     ap.add_argument("--teacher_steps", type=int, default=300, help="optimizer steps (16 slices) of the teacher")
     ap.add_argument("--teacher_ckpt", help="use this teacher checkpoint instead of training one")
-    ap.add_argument("--student_epochs", type=int, default=100,
+    ap.add_argument("--student_epochs", type=int, default=12,
                     help="max_epochs of MONAI Label's train task: validation intervals of --student_val_every steps")
-    ap.add_argument("--student_val_every", type=int, default=5,
+    ap.add_argument("--student_val_every", type=int, default=25,
                     help="val_every_steps written into the scratch copies of the students' train.json")
     ap.add_argument("--min_dice", type=float, default=0.1,
                     help="the returned mask must overlap the true prostate at least this much")
