@@ -17,7 +17,16 @@ row                 what is trained (through the real bundles, overriding the sc
 ``espnet_full``,
 ``erfnet_no_kd``,
 ``erfnet_full``
+``gkd``             generalizable distillation (Qi et al.): ENet with ``L_seg`` + ACT + DCGD + DICD through the
+                    bundle's ``configs/gkd.json`` (every relational λ = 0); the fold teacher's MSAN is pre-trained
+                    once per teacher (``pretrain_msan``) and saved next to the teacher's model
+``gkd_full``        the GKD terms together with the full relational loss (``gkd.json`` on the bundle defaults)
 ==================  ===========================================================================================
+
+Every student cell also records the FSD (:func:`monai_relkd.evaluation.fsd_for_bundle`, Fréchet distance between the
+training sites' and the held-out site's globally pooled features of prostate slices) of its best checkpoint
+(``models/model.pt``) at the network's first student tap (``encoder.stage3`` for ENet), so FSD is compared at the
+same tap for every row of one network; the teacher's at its own first tap (``aspp``).
 
 Schedule (optimizer steps of ``batch_size`` slices, poly LR, see the bundles' model cards): students
 ``student_steps`` (800), teacher ``teacher_steps``, validation on the training sites' validation cases every
@@ -81,8 +90,8 @@ LAMBDAS = ("lambda_logits", "lambda_km", "lambda_aa")
 SKD_OVERRIDES: dict[str, Any] = {"distillation#pair_weights": "uniform", "distillation#aa_grid": 2,
                                  "distillation#aa_pool": "max", "distillation#aa_node_size": None}
 
-#: per row: (network, λ keys set to 0, extra distillation overrides)
-ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
+#: per row: (network, λ keys set to 0, extra distillation overrides[, config files added to train.json])
+ROWS: dict[str, tuple] = {
     "no_kd": ("enet", LAMBDAS, {}),
     "hinton": ("enet", ("lambda_km", "lambda_aa"), {}),
     "skd": ("enet", ("lambda_logits", "lambda_km"), SKD_OVERRIDES),
@@ -93,7 +102,20 @@ ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "espnet_full": ("espnet", (), {}),
     "erfnet_no_kd": ("erfnet", LAMBDAS, {}),
     "erfnet_full": ("erfnet", (), {}),
+    "gkd": ("enet", LAMBDAS, {}, ("gkd.json",)),
+    "gkd_full": ("enet", (), {}, ("gkd.json",)),
 }
+GKD_ROWS = ("gkd", "gkd_full")
+
+
+def config_files(row: str) -> tuple[str, ...]:
+    """The bundle config files a student row trains with: ``train.json`` plus the row's additions."""
+    return ("train.json", *(ROWS[row][3] if len(ROWS[row]) > 3 else ()))
+
+
+def distils(row: str) -> bool:
+    """Whether a student row reads the teacher (some relational λ is kept, or it adds GKD terms)."""
+    return ROWS[row][1] != LAMBDAS or len(config_files(row)) > 1
 
 DEFAULTS: dict[str, Any] = dict(
     folds="HK,UCL,BMC", seeds="0,1,2", rows=",".join(STANDARD_ROWS), scale=1.0, size=96, image_size=64,
@@ -110,6 +132,7 @@ _STEP_S = {"teacher": 0.9, "no_kd": 0.152, "kd": 0.23}
 _EVAL_S = {"teacher": 6.0, "student": 2.5}
 _CELL_S = 15.0
 _CACHE_FILL_S = 40.0  # the teacher's forward over every distinct training slice and flip, once per teacher
+_MSAN_S = 120.0  # the teacher MSAN's pre-training (gkd.json's pretrain_steps, two teacher forwards per step)
 
 
 def _csv(value: Any) -> list[str]:
@@ -189,7 +212,7 @@ def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
 
 def row_overrides(row: str, defaults: dict[str, Any]) -> dict[str, Any]:
     """The ``distillation#...`` overrides of a student row, given the bundle's ``distillation`` section."""
-    _, zero, extra = ROWS[row]
+    _, zero, extra = ROWS[row][:3]
     out: dict[str, Any] = {f"distillation#{k}": 0.0 if k in zero else float(defaults[k]) for k in LAMBDAS}
     out.update(extra)
     return out
@@ -202,14 +225,14 @@ def estimate_seconds(s: Settings) -> float:
     evals_t = -(-s.teacher_steps // s.val_every) + s.last_k
     per_cell = {"teacher": s.teacher_steps * _STEP_S["teacher"] * f + evals_t * _EVAL_S["teacher"] + _CELL_S}
     for row in ROWS:
-        kind = "no_kd" if ROWS[row][1] == LAMBDAS else "kd"
+        kind = "kd" if distils(row) else "no_kd"
         per_cell[row] = s.student_steps * _STEP_S[kind] * f + evals_s * _EVAL_S["student"] + _CELL_S
-    rows = set(s.rows) | ({"teacher"} if any(r != "teacher" and ROWS[r][1] != LAMBDAS for r in s.rows) else set())
+    rows = set(s.rows) | ({"teacher"} if any(r != "teacher" and distils(r) for r in s.rows) else set())
     n_teachers = len(s.folds) * len(s.teacher_seeds())
     teachers = per_cell["teacher"] * n_teachers if "teacher" in rows else 0.0
-    distils = s.cache and any(ROWS[r][1] != LAMBDAS for r in rows - {"teacher"})
-    fill = _CACHE_FILL_S * f * n_teachers if distils else 0.0
-    return teachers + fill + sum(per_cell[r] for r in rows - {"teacher"}) * len(s.folds) * len(s.seeds)
+    fill = _CACHE_FILL_S * f * n_teachers if s.cache and any(distils(r) for r in rows - {"teacher"}) else 0.0
+    msan = _MSAN_S * f * n_teachers if any(r in GKD_ROWS for r in rows) else 0.0
+    return teachers + fill + msan + sum(per_cell[r] for r in rows - {"teacher"}) * len(s.folds) * len(s.seeds)
 
 
 class Progress:
@@ -292,22 +315,55 @@ class _HeldOut:
                                   "per_case": dict(zip(self.case_ids, [float(v) for v in per_case]))})
 
 
-def run_cell(s: Settings, bundle: Path, common: dict[str, Any], cell_dir: Path, extra: dict[str, Any],
-             held_out: bool = True) -> dict:
-    """Train one model with the bundle's ``train.json`` and return its held-out evaluations and curve.
-
-    With ``held_out=False`` the held-out site is never predicted (the tuning script's runs)."""
+def _workflow(bundle: Path, configs: Sequence[str], run_id: str, override: dict[str, Any]) -> Any:
+    """The bundle's workflow ``run_id`` from ``configs`` (file names under ``bundle/configs``), initialised."""
     from monai.bundle import ConfigWorkflow
 
+    files = [str(bundle / "configs" / c) for c in configs]
+    workflow = ConfigWorkflow(config_file=files if len(files) > 1 else files[0],
+                              meta_file=str(bundle / "configs" / "metadata.json"), logging_file=False,
+                              run_id=run_id, workflow_type=None, bundle_root=str(bundle), **override)
+    workflow.initialize()
+    return workflow
+
+
+def pretrain_msan(bundle: Path, common: dict[str, Any], teacher_ckpt: str, msan_ckpt: Path) -> float:
+    """The fold teacher's MSAN (``gkd.json``'s ``pretrain_msan``), trained once and saved at ``msan_ckpt``;
+    returns the seconds it took (0 when it exists)."""
+    if msan_ckpt.is_file():
+        return 0.0
+    t = time.perf_counter()
+    workflow = _workflow(bundle, config_files("gkd"), "pretrain_msan",
+                         {**common, "teacher_ckpt": teacher_ckpt, "gkd#teacher_msan_ckpt": str(msan_ckpt)})
+    try:
+        workflow.run()
+    finally:
+        workflow.finalize()
+    return time.perf_counter() - t
+
+
+def cell_fsd(bundle: Path, datalist: Path, ckpt: Path, tap: str, image_size: int) -> dict[str, Any] | None:
+    """FSD of a trained cell's ``ckpt`` at ``tap`` (None when the model was never written)."""
+    from monai_relkd.evaluation import fsd_for_bundle
+
+    if not ckpt.is_file():
+        return None
+    r = fsd_for_bundle(bundle, datalist, tap=tap, ckpt=ckpt, image_size=image_size)
+    return {k: r[k] for k in ("fsd", "tap", "channels", "n_train", "n_test", "slices")}
+
+
+def run_cell(s: Settings, bundle: Path, common: dict[str, Any], cell_dir: Path, extra: dict[str, Any],
+             held_out: bool = True, configs: Sequence[str] = ("train.json",)) -> dict:
+    """Train one model with the bundle's ``configs`` (``train.json`` first) and return its held-out evaluations
+    and curve.
+
+    With ``held_out=False`` the held-out site is never predicted (the tuning script's runs)."""
     # a cell (re)starts from scratch: a model, record or last state of an earlier run with other settings must
     # neither be resumed nor kept as "best" (the bundle's checkpoints never replace a better model.pt)
     shutil.rmtree(cell_dir / "models", ignore_errors=True)
     override = {**common, **extra, "ckpt_dir": str(cell_dir / "models"), "output_dir": str(cell_dir / "eval"),
                 "log_dir": str(cell_dir / "runs"), "resume": False}
-    workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"),
-                              meta_file=str(bundle / "configs" / "metadata.json"), logging_file=False,
-                              run_id="training", workflow_type=None, bundle_root=str(bundle), **override)
-    workflow.initialize()
+    workflow = _workflow(bundle, configs, "training", override)
     try:
         probe = _HeldOut(workflow.parser, s.last_k, held_out=held_out)
         t = time.perf_counter()
@@ -352,6 +408,19 @@ def collect(out: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["fold"], r["seed"], order.get(r["row"], 99)))
 
 
+def fsd_table(records: Sequence[dict[str, Any]]) -> str:
+    """Per row: cells, mean score and mean FSD (with its tap) over the cells that have one."""
+    lines = ["| row | cells | mean score | mean FSD | FSD tap |", "|---|---:|---:|---:|---|"]
+    for row in dict.fromkeys(r["row"] for r in records):
+        cells = [r for r in records if r["row"] == row and r["score"] is not None]
+        fsds = [r["fsd"] for r in cells if r.get("fsd")]
+        score = sum(r["score"] for r in cells) / len(cells) if cells else None
+        fsd = f"{sum(f['fsd'] for f in fsds) / len(fsds):.3g}" if fsds else "–"
+        taps = ", ".join(sorted({f["tap"] for f in fsds})) or "–"
+        lines.append(f"| {row} | {len(cells)} | {'–' if score is None else f'{score:.3f}'} | {fsd} | {taps} |")
+    return "\n".join(lines)
+
+
 def write_outputs(s: Settings, fold_seeds: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
     """``results.json``, the curve PNGs of ``fold_seeds`` and ``report.md`` from every finished cell."""
     from monai_relkd.reports.paired import paired_table
@@ -375,19 +444,25 @@ def write_outputs(s: Settings, fold_seeds: Sequence[tuple[str, int]]) -> list[di
                                        f"seed {seed}")
     lines = ["# Leave-one-site-out benchmark", "",
              "Score: mean held-out Dice over the last evaluations (see docs/results.md).", "",
-             "| fold | seed | row | network | score | steps | best validation Dice | seconds |",
-             "|---|---:|---|---|---:|---:|---:|---:|"]
+             "| fold | seed | row | network | score | steps | best validation Dice | FSD (tap) | seconds |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
         score = "–" if r["score"] is None else f"{r['score']:.3f}"
         best = "–" if r.get("best_val_dice") is None else f"{r['best_val_dice']:.3f}"
+        fsd = "–" if not r.get("fsd") else f"{r['fsd']['fsd']:.3g} ({r['fsd']['tap']})"
         lines.append(f"| {r['fold']} | {r['seed']} | {r['row']} | {r['network']} | {score} | {r['steps']} | "
-                     f"{best} | {r['seconds']:.0f} |")
+                     f"{best} | {fsd} | {r['seconds']:.0f} |")
     methods = [r for r in ROWS if r != "no_kd" and ROWS[r][0] == "enet" and any(x["row"] == r for x in records)]
     if any(x["row"] == "no_kd" for x in records) and methods:
         lines += ["", "## Paired differences against no_kd", "", paired_table(records, methods)]
     for base in ("hinton", "skd"):  # the secondary question: do the relational terms add to plain KD?
         if any(x["row"] == base for x in records) and any(x["row"] == "full" for x in records):
             lines += ["", f"## full against {base}", "", paired_table(records, ["full"], baseline=base)]
+    lines += ["", "## Mean per row", "", fsd_table(records)]
+    gkd = [r for r in GKD_ROWS if any(x["row"] == r for x in records)]
+    if gkd and any(x["row"] == "full" for x in records):  # the two methods against each other
+        lines += ["", "## generalizable distillation against the full relational loss", "",
+                  paired_table(records, gkd, baseline="full")]
     for net in ("espnet", "erfnet"):
         if any(x["row"] == f"{net}_no_kd" for x in records) and any(x["row"] == f"{net}_full" for x in records):
             lines += ["", paired_table(records, [f"{net}_full"], baseline=f"{net}_no_kd")]
@@ -402,7 +477,7 @@ def run(s: Settings) -> list[dict[str, Any]]:
 
     bundles = find_bundles_dir(s.bundles)
     s.out.mkdir(parents=True, exist_ok=True)
-    needs_teacher = any(r != "teacher" and ROWS[r][1] != LAMBDAS for r in s.rows)
+    needs_teacher = any(r != "teacher" and distils(r) for r in s.rows)
     rows = (["teacher"] if "teacher" in s.rows or needs_teacher else []) + [r for r in ROWS if r in s.rows]
     seeds = s.seeds if s.teacher_seed is None else [s.teacher_seed] + [x for x in s.seeds if x != s.teacher_seed]
     plan = [(f, sd, r) for f in s.folds for sd in seeds for r in rows
@@ -434,24 +509,38 @@ def run(s: Settings) -> list[dict[str, Any]]:
                 cell_dir, settings = fs_dir / row, s.cell_settings(row)
                 if not s.force and _done(cell_dir, settings) is not None:
                     continue
+                configs: tuple[str, ...] = ("train.json",)
+                extra_record: dict[str, Any] = {}
                 if row == "teacher":
                     bundle, network, dist = bundles / TEACHER, "deeplabv3plus", None
                     extra: dict[str, Any] = {"num_steps": s.teacher_steps}
+                    tap = "aspp"
                 else:
                     network = ROWS[row][0]
                     bundle = bundles / f"prostate_mri_student_{network}"
                     defaults = json.loads((bundle / "configs" / "train.json").read_text())["distillation"]
+                    tap, configs = defaults["taps"][0]["student"], config_files(row)
                     extra = {"num_steps": s.student_steps, "teacher_ckpt": teacher_ckpt,
                              **row_overrides(row, defaults)}
-                    if ROWS[row][1] != LAMBDAS and s.cache:
+                    if row in GKD_ROWS:
+                        msan_ckpt = Path(teacher_ckpt).parent / "msan_teacher.pt"
+                        progress.line(f"{fold} seed {seed} | {row}: the teacher's MSAN")
+                        msan_s = pretrain_msan(bundle, common, teacher_ckpt, msan_ckpt)
+                        if msan_s:
+                            progress.line(f"{fold}: teacher MSAN pre-trained in {msan_s / 60:.1f} min")
+                            extra_record["msan_pretrain_seconds"] = round(msan_s, 1)
+                        extra["gkd#teacher_msan_ckpt"] = str(msan_ckpt)
+                    if distils(row) and s.cache:
                         extra.update(teacher_input_key="teacher_image",
                                      teacher_cache=f"$monai_relkd.engines.TeacherOutputCache.shared({teacher_ckpt!r})")
                     dist = {**defaults, **{k.split("#", 1)[1]: v for k, v in extra.items()
                                            if k.startswith("distillation#")}}
                 progress.line(f"{fold} seed {seed} | {row} ({network}): training {settings['steps']} steps")
                 t, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-                result = run_cell(s, bundle, common, cell_dir, {**extra, **s.extra})
+                result = run_cell(s, bundle, common, cell_dir, {**extra, **s.extra}, configs=configs)
                 record = _record(fold, seed, row, network, result, dist, time.perf_counter() - t)
+                record.update(extra_record)
+                record["fsd"] = cell_fsd(bundle, datalist_path, cell_dir / "models" / "model.pt", tap, s.image_size)
                 end = resource.getrusage(resource.RUSAGE_SELF)
                 record["cpu_seconds"] = round(end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)
                 atomic_write_json(cell_dir / "cell.json", {

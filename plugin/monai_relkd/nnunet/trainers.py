@@ -146,8 +146,8 @@ class nnUNetTrainerRelKD(nnUNetTrainerStudent):
     teacher_checkpoint: str = "checkpoint_final.pth"
     teacher_taps: tuple[str, ...] = ()  # () = default_taps of the teacher
     lambda_logits: float = 0.1
-    lambda_km: float = 0.001
-    lambda_aa: float = 0.1
+    lambda_km: float = 1.0
+    lambda_aa: float = 1.0
     temperature: float = 4.0
     pair_weights: str = "label"
     aa_grid: int | None = None
