@@ -440,8 +440,7 @@ def write_outputs(s: Settings, fold_seeds: Sequence[tuple[str, int]]) -> list[di
 
             curves = {r: {t: (np.asarray(a), np.asarray(b)) for t, (a, b) in c.items()} for r, c in curves.items()}
             plot_training_curves(curves, s.out / "curves" / f"curves_{fold}_seed{seed}.png",
-                                 title=f"validation Dice (training sites) against optimizer steps: {fold} held out, "
-                                       f"seed {seed}")
+                                 title=f"{fold} held out, seed {seed}")
     lines = ["# Leave-one-site-out benchmark", "",
              "Score: mean held-out Dice over the last evaluations (see docs/results.md).", "",
              "| fold | seed | row | network | score | steps | best validation Dice | FSD (tap) | seconds |",

@@ -298,8 +298,9 @@ def test_sigkill_mid_run_and_mid_save_then_resume_to_the_same_step(data_dir, tmp
         kill(proc)
     assert not model.exists()
 
-    # 2: SIGKILL in a write of checkpoint_last.pt while an earlier one exists; a second training is refused meanwhile
-    proc = start("5:checkpoint_last.pt")
+    # 2: SIGKILL in a write of checkpoint_last.pt while an earlier one exists; a second training is refused meanwhile.
+    # Each state write takes 30 s, so the run cannot finish while the second one starts, however loaded the machine
+    proc = start("30:checkpoint_last.pt")
     try:
         _wait_for(lambda: last.exists() and model.exists(), proc, "first full state", log_path)
         second = run(tmp_path / "cut")
@@ -312,12 +313,14 @@ def test_sigkill_mid_run_and_mid_save_then_resume_to_the_same_step(data_dir, tmp
         kill(proc)
     assert _state(models)["trainer"]["iteration"] == before, "the interrupted write must leave the previous state"
 
-    # 3: SIGKILL at a random moment after this run saved its first state
-    proc = start("0")
+    # 3: SIGKILL at a random moment after this run saved its first state. Each later state write is slowed by 1 s,
+    # so a kill within 0.9 s of a new state always lands before the run can finish, however fast the machine is
+    proc = start("1:checkpoint_last.pt")
     try:
         stamp = last.stat().st_mtime_ns
         _wait_for(lambda: last.stat().st_mtime_ns != stamp, proc, "a new full state", log_path)
-        time.sleep(random.uniform(0.0, 1.0))
+        time.sleep(random.uniform(0.0, 0.9))
+        assert proc.poll() is None, f"training ended before the random kill; see {log_path}"
     finally:
         kill(proc)
 

@@ -70,3 +70,28 @@ def test_quick_cells_write_records_and_are_not_rerun(gen, tmp_path, capsys):
     assert "1 cells, 0 to run" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/*/cell.json")} == before
     assert len(json.loads((out / "results.json").read_text())) == 3
+
+
+def test_gkd_rows_add_their_config_and_read_the_teacher(gen):
+    defaults = {"lambda_logits": 0.1, "lambda_km": 1.0, "lambda_aa": 1.0, "temperature": 4.0}
+    assert gen.config_files("no_kd") == ("train.json",)
+    assert gen.config_files("gkd") == ("train.json", "gkd.json") == gen.config_files("gkd_full")
+    assert not gen.distils("no_kd") and gen.distils("hinton")
+    assert gen.distils("gkd") and gen.distils("gkd_full")  # GKD alone zeroes every λ yet needs the teacher
+    assert gen.row_overrides("gkd", defaults) == gen.row_overrides("no_kd", defaults)
+    assert gen.row_overrides("gkd_full", defaults) == gen.row_overrides("full", defaults)
+
+
+def test_quick_gkd_cell_pretrains_the_teacher_msan_once_and_reports_fsd(gen, tmp_path):
+    out = tmp_path / "bench"
+    gen.main(out=str(out), quick=True, rows="no_kd,gkd")
+    records = {r["row"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(records) == {"teacher", "no_kd", "gkd"}
+    msan = out / "cells" / "HK_seed0" / "teacher" / "models" / "msan_teacher.pt"
+    assert msan.is_file() and records["gkd"]["msan_pretrain_seconds"] > 0
+    assert "msan_pretrain_seconds" not in records["no_kd"]
+    taps = {row: records[row]["fsd"]["tap"] for row in ("no_kd", "gkd")}
+    assert taps["no_kd"] == taps["gkd"] and records["teacher"]["fsd"]["tap"] != taps["gkd"]
+    assert all(records[row]["fsd"]["fsd"] >= 0 for row in records)
+    report = (out / "report.md").read_text()
+    assert "| gkd | 1 |" in report and "FSD" in report
