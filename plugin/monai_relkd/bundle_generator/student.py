@@ -269,7 +269,10 @@ def new_student(
     teacher_bundle, out = Path(teacher_bundle), Path(out)
     args = _as_mapping(network_args, "--network_args")
     card = _as_mapping(card, "--card")
-    student_net = _import(network)(**args)
+    try:
+        student_net = _import(network)(**args)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"{network}(**{args}) failed: {e}") from e
     train, meta = _teacher(teacher_bundle)
     size = int(train["image_size"])
     in_channels = int(meta["network_data_format"]["inputs"]["image"]["num_channels"])
