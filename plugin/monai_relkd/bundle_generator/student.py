@@ -46,6 +46,7 @@ class StudentBundle:
         files: the files written, relative to ``path``.
         taps: the ``distillation#taps`` entries.
         student_candidates, teacher_candidates: candidate taps of both networks (:func:`probe.probe_taps`).
+        notes: advice printed after the summary.
     """
 
     path: Path
@@ -53,6 +54,7 @@ class StudentBundle:
     taps: list[dict[str, Any]]
     student_candidates: list[TapCandidate] = field(default_factory=list)
     teacher_candidates: list[TapCandidate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         chosen_s = [t["student"] for t in self.taps]
@@ -61,7 +63,8 @@ class StudentBundle:
                           f"({t['teacher_channels']} ch)" for t in self.taps)
         return (f"{format_candidates('student', self.student_candidates, chosen_s)}\n"
                 f"{format_candidates('teacher', self.teacher_candidates, chosen_t)}\n"
-                f"taps (student <-> teacher):\n{pairs}\nwrote {len(self.files)} files to {self.path}")
+                f"taps (student <-> teacher):\n{pairs}\nwrote {len(self.files)} files to {self.path}"
+                + "".join(f"\nnote: {n}" for n in self.notes))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -227,6 +230,42 @@ def _write(out: Path, rendered: Mapping[str, str], overwrite: bool) -> list[str]
     return sorted(rendered)
 
 
+def _build(network: str, args: Mapping[str, Any]) -> nn.Module:
+    cls = _import(network)
+    try:
+        return cls(**args)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"{network}(**{dict(args)}) failed: {e}") from e
+
+
+def _teacher_spec(train: Mapping[str, Any], meta: Mapping[str, Any], teacher_bundle: Path) -> tuple[int, int, int]:
+    """``(image_size, input channels, classes)`` of the teacher bundle."""
+    try:
+        fmt = meta["network_data_format"]
+        return (int(train["image_size"]), int(fmt["inputs"]["image"]["num_channels"]),
+                int(fmt["outputs"]["pred"]["num_channels"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{teacher_bundle / 'configs'}: needs an integer image_size in train.json and "
+                         f"network_data_format.inputs.image / outputs.pred num_channels in metadata.json ({e!r}).") from e
+
+
+def _check_student(network: str, student_net: nn.Module, out_shape: tuple[int, ...],
+                   candidates: Sequence[TapCandidate], spec: tuple[int, int, int]) -> int:
+    """Check that the student returns ``(B, classes, H, W)`` at the input's size, at the teacher's image size and
+    at the next multiple of its stride; return that stride (the ``spatial_shape`` divisor of ``metadata.json``)."""
+    in_channels, size, num_classes = spec
+    if out_shape != (1, num_classes, size, size):
+        raise ValueError(f"{network} maps an input of shape (1, {in_channels}, {size}, {size}) to {out_shape}; a "
+                         f"student must return (B, {num_classes}, H, W) logits at the input's size.")
+    divisor = _spatial_divisor(candidates, size)
+    other = size + divisor
+    _, other_out, _ = probe_taps(student_net, (1, in_channels, other, other))
+    if other_out[2:] != (other, other):
+        raise ValueError(f"{network} maps a {other}x{other} input to {other_out}: the output must keep the input's "
+                         f"size for every multiple of {divisor}.")
+    return divisor
+
+
 def new_student(
     network: str,
     teacher_bundle: str | os.PathLike,
@@ -268,29 +307,14 @@ def new_student(
     """
     teacher_bundle, out = Path(teacher_bundle), Path(out)
     args = _as_mapping(network_args, "--network_args")
-    card = _as_mapping(card, "--card")
-    try:
-        student_net = _import(network)(**args)
-    except (TypeError, ValueError, AssertionError) as e:
-        raise ValueError(f"{network}(**{args}) failed: {e}") from e
+    student_net = _build(network, args)
     train, meta = _teacher(teacher_bundle)
-    size = int(train["image_size"])
-    in_channels = int(meta["network_data_format"]["inputs"]["image"]["num_channels"])
-    num_classes = int(meta["network_data_format"]["outputs"]["pred"]["num_channels"])
+    size, in_channels, num_classes = _teacher_spec(train, meta, teacher_bundle)
     s_cands, s_out, s_shapes = probe_taps(student_net, (1, in_channels, size, size))
     t_cands, t_shapes, t_params = _probe_teacher(json.dumps(train["network_def"], sort_keys=True),
                                                  (1, in_channels, size, size))
-    if s_out != (1, num_classes, size, size):
-        raise ValueError(f"{network} maps an input of shape (1, {in_channels}, {size}, {size}) to {s_out}; a student "
-                         f"of {teacher_bundle.name} must return (B, {num_classes}, H, W) logits at the input's size.")
-    divisor = _spatial_divisor(s_cands, size)
-    _, other_out, _ = probe_taps(student_net, (1, in_channels, size + divisor, size + divisor))
-    if other_out[2:] != (size + divisor,) * 2:
-        raise ValueError(f"{network} maps a {size + divisor}x{size + divisor} input to {other_out}: the output must "
-                         f"keep the input's size for every multiple of {divisor}.")
+    divisor = _check_student(network, student_net, s_out, s_cands, (in_channels, size, num_classes))
     tap_list = _taps(parse_taps(taps), (s_cands, s_shapes), (t_cands, t_shapes), num_classes, 4)
-    if not tap_list:
-        raise ValueError("no tap pair could be chosen; pass --taps student_module=teacher_module,...")
     display = display_name or type(student_net).__name__
     options = ["gkd"] if gkd else []
     values = {
@@ -298,7 +322,7 @@ def new_student(
         "display_name": display,
         "network_def": {"_target_": network, **args},
         "image_size": size,
-        "teacher_name": meta.get("name", teacher_bundle.resolve().name),
+        "teacher_name": teacher_bundle.resolve().name,
         "teacher_network_def": train["network_def"],
         "teacher_references": list(meta.get("references", [])),
         "taps": tap_list,
@@ -308,12 +332,14 @@ def new_student(
         "input_channels": in_channels,
         "output_channels": num_classes,
         "spatial_shape": [f"{divisor}*n"] * 2 if divisor > 1 else ["*", "*"],
-        **_card_values(network, display, card, train["network_def"], t_params),
+        **_card_values(network, display, _as_mapping(card, "--card"), train["network_def"], t_params),
     }
     values["extra_sections"] = "".join(render_text(option_section(o), values) for o in options)
-    rendered = _render(values, options)
-    files = _write(out, rendered, overwrite)
-    return StudentBundle(out, files, tap_list, s_cands, t_cands)
+    files = _write(out, _render(values, options), overwrite)
+    notes = [] if out.resolve().parent == teacher_bundle.resolve().parent else [
+        f"train.json reads the teacher from ../{teacher_bundle.resolve().name}/models/model.pt (beside the bundle): "
+        "move the bundle beside the teacher bundle or pass --teacher_ckpt PATH when training."]
+    return StudentBundle(out, files, tap_list, s_cands, t_cands, notes)
 
 
 def new_student_command(
