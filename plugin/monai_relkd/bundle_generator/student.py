@@ -359,6 +359,19 @@ def new_student_command(
     relkd new-student --network monai.networks.nets.UNet --network_args '{"spatial_dims": 2, "in_channels": 1,
         "out_channels": 2, "channels": [16, 32, 64], "strides": [2, 2]}' --teacher_bundle bundles/prostate_mri_teacher
         --out DIR [--taps student_module=teacher_module,...] [--name NAME] [--gkd True] [--overwrite True]
+
+    Args:
+        network: dotted path of the student class, e.g. monai.networks.nets.SegResNet.
+        teacher_bundle: the teacher bundle folder.
+        out: the new bundle's folder (a sibling of the teacher bundle finds the teacher's weights by itself).
+        network_args: the class's keyword arguments, as JSON.
+        taps: student_module=teacher_module pairs, comma-separated; default: chosen from the candidates printed.
+        name: bundle name (default: the folder name of out).
+        display_name: the network's name in the model card (default: the class name).
+        card: model-card text as JSON: citation, reference, card_reference, teacher_display, teacher_summary,
+            tuning_note.
+        gkd: also write the generalizable-distillation configs.
+        overwrite: replace the generated files of an existing bundle (other files are never touched).
     """
     result = new_student(network, teacher_bundle, out, network_args=network_args, taps=taps, name=name,
                          display_name=display_name, card=card, gkd=gkd, overwrite=overwrite)
