@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_bundle_root", "default_dataset_dir", "bundle_datalist", "list_images", "split_cases", "site_name_formatter",
-           "volumes_per_batch", "DATA_DIR_ENV"]
+__all__ = ["check_bundle_root", "default_dataset_dir", "bundle_datalist", "list_images", "split_cases",
+           "site_name_formatter", "volumes_per_batch", "DATA_DIR_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def check_bundle_root(path: str | os.PathLike) -> str:
     if (root / "configs" / "metadata.json").is_file():
         return str(path)
     raise FileNotFoundError(
-        f"bundle_root '{path}' (resolved to '{root.resolve()}') is not a bundle folder: it has no configs/metadata.json. "
+        f"bundle_root '{path}' (resolved to '{root.resolve()}') is not a bundle folder: it has no "
+        "configs/metadata.json. "
         "MONAI resolves bundle_root against the current folder; run from inside the bundle folder or pass it, e.g. "
         "`python -m monai.bundle run training --config_file <bundle>/configs/train.json --bundle_root <bundle>` "
         "(in Python: ConfigWorkflow(..., bundle_root=<bundle>) or parser['bundle_root'] = <bundle>)."

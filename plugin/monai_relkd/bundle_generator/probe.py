@@ -3,9 +3,10 @@
 A *tap* is a module name whose output feeds the distillation losses (``monai_relkd.engines.FeatureTaps``). The
 candidates are the modules that own sub-modules (blocks, stages; single layers are left out unless a network has no
 such module) and return a feature map of the input's dimensionality as a plain tensor (a module returning a tuple,
-e.g. features and pooling indices, is left out: its first tensor is listed under the inner module's name). A module returning the very tensor of a module
-inside it (a wrapper) is listed once, under the outer name. Modules whose output has as many channels as the network
-has classes are class maps, not features, and are never chosen by default.
+e.g. features and pooling indices, is left out: its first tensor is listed under the inner module's name). A module
+returning the very tensor of a module inside it (a wrapper) is listed once, under the outer name. Modules whose
+output has as many channels as the network has classes are class maps, not features, and are never chosen by
+default.
 """
 
 from __future__ import annotations

@@ -246,7 +246,8 @@ def _teacher_spec(train: Mapping[str, Any], meta: Mapping[str, Any], teacher_bun
                 int(fmt["outputs"]["pred"]["num_channels"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{teacher_bundle / 'configs'}: needs an integer image_size in train.json and "
-                         f"network_data_format.inputs.image / outputs.pred num_channels in metadata.json ({e!r}).") from e
+                         "network_data_format.inputs.image / outputs.pred num_channels in metadata.json "
+                         f"({e!r}).") from e
 
 
 def _check_student(network: str, student_net: nn.Module, out_shape: tuple[int, ...],
