@@ -18,33 +18,57 @@ def _bundle(tmp_path: Path, config: dict) -> Path:
     return root
 
 
-def test_bundle_root_follows_the_config_file_not_the_cwd(tmp_path, monkeypatch):
+REPO = Path(__file__).resolve().parents[1]
+ALL_BUNDLES = sorted(p for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+
+
+@pytest.mark.parametrize("config", ["train.json", "inference.json"])
+@pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=[b.name for b in ALL_BUNDLES])
+def test_a_bundle_run_from_another_folder_stops_with_how_to_pass_bundle_root_and_writes_nothing(
+        bundle, config, tmp_path, monkeypatch):
     from monai.bundle import ConfigWorkflow
 
-    root = _bundle(
-        tmp_path,
-        {"imports": ["$import monai_relkd"], "bundle_root": "$monai_relkd.bundle_support.bundle_root()",
-         "run": ["$@bundle_root"]},
-    )
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    wf = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"), logging_file=False, workflow_type=None)
-    wf.initialize()
-    assert Path(wf.run()[0]) == root.resolve()
+    monkeypatch.chdir(tmp_path)
+    wf = ConfigWorkflow(config_file=str(bundle / "configs" / config), logging_file=False, workflow_type=None)
+    with pytest.raises(Exception) as err:
+        wf.initialize()
+    text = repr(err.value) + repr(err.value.__cause__)
+    assert "--bundle_root" in text and "is not a bundle folder" in text
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_bundle_root_override_wins(tmp_path):
+def test_bundle_root_is_the_current_folder_or_the_override(tmp_path, monkeypatch):
     from monai.bundle import ConfigWorkflow
 
-    root = _bundle(tmp_path, {"imports": ["$import monai_relkd"], "bundle_root": "$monai_relkd.bundle_support.bundle_root()",
-                             "run": ["$None"]})
-    wf = ConfigWorkflow(
-        config_file=str(root / "configs" / "inference.json"), logging_file=False, workflow_type=None,
-        bundle_root="/somewhere/else",
-    )
+    root = _bundle(tmp_path, {"imports": ["$import monai_relkd"], "bundle_root": ".",
+                              "initialize": ["$monai_relkd.bundle_support.check_bundle_root(@bundle_root)"],
+                              "run": ["$@bundle_root"]})
+    monkeypatch.chdir(root)  # MONAI's convention: run from inside the bundle
+    wf = ConfigWorkflow(config_file="configs/inference.json", logging_file=False, workflow_type=None)
     wf.initialize()
-    assert wf.parser.get_parsed_content("bundle_root") == "/somewhere/else"
+    assert Path(wf.run()[0]).resolve() == root.resolve()
+    monkeypatch.chdir(tmp_path)
+    wf = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"), logging_file=False,
+                        workflow_type=None, bundle_root=str(root))
+    wf.initialize()
+    assert wf.run()[0] == str(root)
+
+
+def test_a_student_run_from_its_folder_finds_the_teacher_beside_it(monkeypatch):
+    from monai.bundle import ConfigParser
+
+    student = next(b for b in ALL_BUNDLES if "student" in b.name)
+    monkeypatch.chdir(student)
+    parser = ConfigParser()
+    parser.read_config(str(student / "configs" / "train.json"))
+    assert Path(parser.get_parsed_content("teacher_bundle_dir")) == REPO / "bundles" / "prostate_mri_teacher"
+
+
+def test_check_bundle_root(tmp_path):
+    root = _bundle(tmp_path, {})
+    assert bs.check_bundle_root(root) == str(root)
+    with pytest.raises(FileNotFoundError, match=r"--bundle_root <bundle>"):
+        bs.check_bundle_root(tmp_path)
 
 
 def test_missing_dataset_dir_is_an_error_not_a_fallback(tmp_path):

@@ -205,7 +205,7 @@ def test_download_by_url_then_infer(release, tmp_path):
     assert (bundle / "models" / "model.pt").read_bytes() == (release["bundle"] / "models" / "model.pt").read_bytes()
     # as a user runs it: the CLI, from another folder, with the downloaded config
     out = tmp_path / "pred"
-    _monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"),
+    _monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
                   "--input_path", str(release["image"]), "--image_size", str(IMAGE_SIZE),
                   "--output_dir", str(out), "--device", "cpu", cwd=tmp_path)
     _check_mask(release["image"], out)

@@ -244,6 +244,7 @@ def check(args, work: Path, logs: Path) -> None:
     else:
         run([sys.executable, "-m", "monai.bundle", "run", "training",
          "--config_file", str(app / "model" / TEACHER / "configs" / "train.json"),
+             "--bundle_root", str(app / "model" / TEACHER),
              "--dataset_dir", str(data), "--image_size", str(args.image_size or 128), "--num_steps", str(args.teacher_steps),
              "--num_samples", "8", "--batch_size", "16", "--val_every_steps", str(args.teacher_steps)],
             logs / "teacher_train.log", args.timeout)

@@ -2,14 +2,13 @@
 
 Bundles hold configuration only; the little logic a config needs lives here so that every bundle shares it::
 
-    "bundle_root": "$monai_relkd.bundle_support.bundle_root()",
+    "bundle_root": ".",
     "dataset_dir": "$monai_relkd.bundle_support.default_dataset_dir()",
     "datalist": "$monai_relkd.bundle_support.bundle_datalist(@dataset_dir, @test_site, @val_fraction, @seed)",
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import shutil
@@ -17,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bundle_root", "default_dataset_dir", "bundle_datalist", "list_images", "split_cases", "site_name_formatter",
-           "volumes_per_batch", "DATA_DIR_ENV"]
+__all__ = ["check_bundle_root", "default_dataset_dir", "bundle_datalist", "list_images", "split_cases",
+           "site_name_formatter", "volumes_per_batch", "DATA_DIR_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,39 +25,30 @@ logger = logging.getLogger(__name__)
 DATA_DIR_ENV = "MONAI_RELKD_DATA_DIR"
 
 
-def _root_from_config_path(path: str | os.PathLike) -> Path:
-    parent = Path(path).resolve().parent
-    return parent.parent if parent.name == "configs" else parent
+def check_bundle_root(path: str | os.PathLike) -> str:
+    """Return ``path`` if it is a bundle folder (it holds ``configs/metadata.json``), else stop with how to pass it.
 
+    The bundle configs follow MONAI's convention, ``"bundle_root": "."``: the bundle is the current folder unless
+    ``--bundle_root`` (``ConfigWorkflow(..., bundle_root=...)``, ``parser["bundle_root"] = ...``) says otherwise.
+    Every config runs this check first in ``initialize``, so a run started from another folder stops before it
+    writes ``models/``, ``eval/`` or ``runs/`` anywhere::
 
-def bundle_root() -> str:
-    """Return the folder of the bundle whose config is being parsed.
+        "bundle_root": ".",
+        "initialize": ["$monai_relkd.bundle_support.check_bundle_root(@bundle_root)", ...]
 
-    MONAI's own convention is ``"bundle_root": "."`` (run from inside the bundle). To make
-    ``python -m monai.bundle run training --config_file bundles/<b>/configs/train.json`` work from any folder,
-    this looks up the call stack for the ``ConfigWorkflow`` (or a ``monai.bundle`` script's ``config_file``)
-    that is parsing the config and returns the folder above ``configs/``. Falls back to the current directory,
-    as MONAI does. An explicit ``--bundle_root`` override (MONAI Label passes one) skips this function.
+    Raises:
+        FileNotFoundError: ``path`` has no ``configs/metadata.json``; the message gives the command line to use.
     """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            local = frame.f_locals
-            # read the instance dict: ConfigParser/ConfigWorkflow resolve unknown attributes as config ids
-            root_path = getattr(local.get("self"), "__dict__", {}).get("config_root_path")
-            if isinstance(root_path, Path):
-                return str(_root_from_config_path(root_path / "x.json"))
-            for key in ("config_file_", "config_file"):
-                value = local.get(key)
-                if isinstance(value, (list, tuple)) and value:
-                    value = value[0]
-                if isinstance(value, (str, os.PathLike)) and str(value).endswith((".json", ".yaml", ".yml")):
-                    if Path(value).is_file():
-                        return str(_root_from_config_path(value))
-            frame = frame.f_back
-    finally:
-        del frame
-    return os.getcwd()
+    root = Path(path)
+    if (root / "configs" / "metadata.json").is_file():
+        return str(path)
+    raise FileNotFoundError(
+        f"bundle_root '{path}' (resolved to '{root.resolve()}') is not a bundle folder: it has no "
+        "configs/metadata.json. "
+        "MONAI resolves bundle_root against the current folder; run from inside the bundle folder or pass it, e.g. "
+        "`python -m monai.bundle run training --config_file <bundle>/configs/train.json --bundle_root <bundle>` "
+        "(in Python: ConfigWorkflow(..., bundle_root=<bundle>) or parser['bundle_root'] = <bundle>)."
+    )
 
 
 def default_dataset_dir(scale: float = 0.5, size: int = 128, seed: int = 0) -> str:

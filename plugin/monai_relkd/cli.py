@@ -9,6 +9,7 @@ Each sub-command is a plain function that lives beside the code it drives; this 
     relkd fsd --bundle B --datalist datalist.json --tap NAME
     relkd report RUN_DIR [RUN_DIR ...] [--out DIR]
     relkd package --bundle B --out DIR [--include_weights False --base_url URL]
+    relkd new-student --network monai.networks.nets.UNet --network_args '{...}' --teacher_bundle T --out DIR
     relkd demo [--out relkd_demo]
     relkd nnunet-path                                   # value for nnUNet_extTrainer
     relkd to-nnunet --root R --dataset-id 501 --test-site HK [--out $nnUNet_raw]
@@ -33,6 +34,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError, L
 
 def commands() -> dict:
     """Return the mapping ``name -> function`` of every ``relkd`` sub-command."""
+    from monai_relkd.bundle_generator import new_student_command
     from monai_relkd.data.sites import datalist_command
     from monai_relkd.data.synthetic import synth_command
     from monai_relkd.demo import demo_command
@@ -51,6 +53,7 @@ def commands() -> dict:
         "fsd": fsd_command,
         "report": report_command,
         "package": package_command,
+        "new-student": new_student_command,
         "demo": demo_command,
         "nnunet-path": nnunet_path_command,
         "to-nnunet": to_nnunet_command,

@@ -41,7 +41,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _HOWTO = ("pre-train it first: python -m monai.bundle run pretrain_msan --config_file "
-          "\"['<student bundle>/configs/train.json','<student bundle>/configs/gkd.json']\"")
+          "\"['<student bundle>/configs/train.json','<student bundle>/configs/gkd.json']\" --bundle_root <student bundle>")
 
 
 def scanner_view() -> Callable[[torch.Tensor], torch.Tensor]:

@@ -13,7 +13,8 @@ __all__ = ["load_teacher", "freeze", "strip_wrappers", "teacher_required"]
 
 TEACHER_HOWTO = (
     "Train the teacher bundle first: "
-    "`python -m monai.bundle run training --config_file bundles/prostate_mri_teacher/configs/train.json`, "
+    "`python -m monai.bundle run training --config_file bundles/prostate_mri_teacher/configs/train.json "
+    "--bundle_root bundles/prostate_mri_teacher`, "
     "or pass an existing checkpoint with `--teacher_ckpt PATH`."
 )
 
