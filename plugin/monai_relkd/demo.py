@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["find_bundles_dir", "run_bundle", "run_demo", "demo_command", "write_json_atomic", "TEACHER"]
+from .data._io import atomic_write_json, atomic_write_text
+
+__all__ = ["find_bundles_dir", "run_bundle", "run_demo", "demo_command", "TEACHER"]
 
 logger = logging.getLogger("monai_relkd.demo")
 
@@ -77,13 +79,6 @@ def run_bundle(bundle_dir: Path, configs: list[str], run_id: str = "run", **over
 def _model_key(name: str) -> str:
     """Folder of a model inside the run folder."""
     return "teacher" if name == "teacher" else ("student_nokd" if "no KD" in name else "student_kd")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _step(index: int, total: int, message: str) -> float:
@@ -144,7 +139,7 @@ def run_demo(
         generate_six_site_dataset(data_dir, scale=scale, size=size, seed=seed)
     datalist = bundle_datalist(data_dir, test_site=test_site, seed=seed)
     datalist_path = run_dir / "datalist.json"
-    write_json_atomic(datalist_path, datalist)
+    atomic_write_json(datalist_path, datalist, default=str)
     seconds["data"] = time.perf_counter() - t
 
     common = {
@@ -227,11 +222,11 @@ def run_demo(
             for key in [_model_key(name)]
         ],
     }
-    write_json_atomic(run_dir / "run.json", manifest)
+    atomic_write_json(run_dir / "run.json", manifest, default=str)
     table = format_models_table(summaries, held_out=test_site)
     result = {"table": table, "models": summaries, "seconds": seconds, "held_out_site": test_site}
-    write_json_atomic(run_dir / "demo_summary.json", result)
-    (run_dir / "demo_table.md").write_text(table + "\n")
+    atomic_write_json(run_dir / "demo_summary.json", result, default=str)
+    atomic_write_text(run_dir / "demo_table.md", table + "\n")
     print(table, flush=True)
     print(f"relkd demo: done in {seconds['total'] / 60:.1f} min; results in {run_dir}", flush=True)
     return result

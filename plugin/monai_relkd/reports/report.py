@@ -14,7 +14,7 @@ What it holds (files in ``out_dir``):
   with the most prostate of up to ``overlay_cases`` cases);
 - ``report.json``: the numbers of the tables.
 
-Every file is written atomically (temporary file, then ``os.replace``).
+Every file is written atomically (:mod:`monai_relkd.data._io`).
 
 Example::
 
@@ -35,6 +35,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from ..data._io import atomic_write_text
 from .plots import (
     model_colors,
     plot_dice_per_site,
@@ -51,12 +52,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 REPORT_MD = "report.md"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _cell(stat: Mapping[str, Any] | None) -> str:
@@ -459,8 +454,8 @@ def write_report(
         md += ["", "## Contours on held-out-site slices", ""] + overlay_md
 
     report = out / REPORT_MD
-    _write_text(out / "report.json", json.dumps(data, indent=2, default=str) + "\n")
-    _write_text(report, "\n".join(md).rstrip() + "\n")
+    atomic_write_text(out / "report.json", json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write_text(report, "\n".join(md).rstrip() + "\n")
     return report
 
 
