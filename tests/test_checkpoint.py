@@ -17,18 +17,11 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from conftest import BUNDLES, subprocess_env as _env
 from monai_relkd.data._io import SLOW_WRITE_ENV, atomic_write_bytes, remove_stale_temporaries
 from monai_relkd.engines import BestModelCheckpoint, TrainingLock, TrainingLockedError, TrainingStateCheckpoint
 
-REPO = Path(__file__).resolve().parents[1]
-STUDENT = REPO / "bundles" / "prostate_mri_student_enet"
-PLUGIN = str(REPO / "plugin")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    env["PYTHONPATH"] = PLUGIN + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+STUDENT = BUNDLES / "prostate_mri_student_enet"
 
 
 # --- the atomic writer --------------------------------------------------------------------------------------------
