@@ -37,14 +37,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..data._io import atomic_write_text
-from .plots import (
-    model_colors,
-    plot_dice_per_site,
-    plot_dice_vs_params,
-    plot_overlays,
-    plot_training_curves,
-    read_scalars,
-)
+from . import plots
 from .runs import RunInfo, group_by_site, load_run, matching_baseline, model_names, site_stat
 
 __all__ = ["write_report", "report_command", "efficiency_rows", "REPORT_MD"]
@@ -258,7 +251,7 @@ class _Report:
         self.groups = group_by_site(self.runs)
         self.names = model_names(self.runs)
         self.roles = {m.name: m.role for r in self.runs for m in r.models}
-        self.colors = model_colors(self.names)
+        self.colors = plots.model_colors(self.names)
 
     def evaluated(self) -> list[str]:
         """Models with a summary in at least one run."""
@@ -379,7 +372,7 @@ def _per_site_section(rep: _Report) -> None:
             tm_cell = f"{tm:.3f}" if tm is not None else "–"
             rep.md.append(f"| {name} | {rep.roles[name]} | " + " | ".join(_cell(stats[s]) for s in sites)
                           + f" | {tm_cell} |")
-    p = plot_dice_per_site(plot_groups, rep.evaluated(), rep.out / "dice_per_site.png", rep.colors)
+    p = plots.plot_dice_per_site(plot_groups, rep.evaluated(), rep.out / "dice_per_site.png", rep.colors)
     rep.md += ["", f"![Dice per site and model]({p.name})"]
     rep.data["plots"].append(p.name)
 
@@ -416,7 +409,7 @@ def _efficiency_section(rep: _Report, held_means: Mapping[str, float | None], la
                                                             for t in [_training_mean(g, n, h)] if t is not None])
                             else None)}
               for n in rep.evaluated()]
-    p = plot_dice_vs_params(points, rep.out / "dice_vs_params.png", rep.colors)
+    p = plots.plot_dice_vs_params(points, rep.out / "dice_vs_params.png", rep.colors)
     md += ["", f"![Dice against parameters]({p.name})"]
     rep.data["plots"].append(p.name)
 
@@ -452,8 +445,8 @@ def _curves_and_overlays_section(rep: _Report, overlay_cases: int) -> None:
     for r in rep.runs:
         stem = unique(_slug(r.label))
         title = f"held-out {r.held_out_site}, seed {r.seed}"
-        curves = {m.name: read_scalars(m.log_dir) for m in r.models}
-        p = plot_training_curves({k: v for k, v in curves.items() if v}, rep.out / f"curves_{stem}.png",
+        curves = {m.name: plots.read_scalars(m.log_dir) for m in r.models}
+        p = plots.plot_training_curves({k: v for k, v in curves.items() if v}, rep.out / f"curves_{stem}.png",
                                  title=title, colors=rep.colors)
         if p is None:
             rep.md.append(f"- {r.label}: no TensorBoard scalars found in the models' log_dir.")
@@ -461,7 +454,8 @@ def _curves_and_overlays_section(rep: _Report, overlay_cases: int) -> None:
             rep.md += [f"### {r.held_out_site}, seed {r.seed}", "", f"![Training curves {r.label}]({p.name})", ""]
             rep.data["plots"].append(p.name)
         panels = _overlay_panels(r, overlay_cases)
-        p = plot_overlays(panels, rep.out / f"overlay_{stem}.png", colors=rep.colors, title=title) if panels else None
+        p = (plots.plot_overlays(panels, rep.out / f"overlay_{stem}.png", colors=rep.colors, title=title)
+             if panels else None)
         if p is None:
             overlay_md.append(f"- {r.label}: no held-out case with image, label and predictions found.")
         else:
