@@ -22,7 +22,6 @@ On a shared machine run it under the CPU lock::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 GIB = 1024**3
 MIB = 1024**2
@@ -64,7 +64,7 @@ def _hwm_bytes() -> int:
     raise RuntimeError("VmHWM not found")
 
 
-def worker(size: int, path: str, channels: int, batch: int, repeats: int, device: str) -> dict:
+def run_worker(size: int, path: str, channels: int, batch: int, repeats: int, device: str) -> dict:
     import torch
 
     from monai_relkd.losses import AdaptiveAffinityLoss
@@ -118,11 +118,11 @@ def worker(size: int, path: str, channels: int, batch: int, repeats: int, device
 
 
 # ------------------------------------------------------------------------------------------------ driver side
-def measure(size: int, path: str, args: argparse.Namespace) -> dict:
+def measure(size: int, path: str, channels: int, batch: int, repeats: int, device: str) -> dict:
+    """Run :func:`run_worker` in a fresh subprocess (this script with ``--worker``) and return its result."""
     cmd = [
         sys.executable, os.path.abspath(__file__), "--worker", "--size", str(size), "--path", path,
-        "--channels", str(args.channels), "--batch", str(args.batch), "--repeats", str(args.repeats),
-        "--device", args.device,
+        "--channels", str(channels), "--batch", str(batch), "--repeats", str(repeats), "--device", device,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -130,53 +130,67 @@ def measure(size: int, path: str, args: argparse.Namespace) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 96, 128])
-    parser.add_argument("--channels", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--limit-gib", type=float, default=8.0)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--path", choices=["linear", "naive"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def main(
+    sizes: Sequence[int] = (16, 32, 64, 96, 128),
+    channels: int = 128,
+    batch: int = 2,
+    repeats: int = 5,
+    limit_gib: float = 8.0,
+    device: str | None = None,
+    worker: bool = False,
+    size: int | None = None,
+    path: str | None = None,
+) -> None:
+    """Print the table (``--sizes 16,32,64``; ``--limit-gib`` or ``--limit_gib``).
 
-    if args.device is None:
+    Args:
+        sizes: square grid sizes to measure.
+        channels, batch: feature channels of student and teacher, and samples per batch.
+        repeats: timed runs per measurement (median).
+        limit_gib: largest estimated memory of the naive path to run it.
+        device: cpu or cuda (default: cuda if available).
+        worker, size, path: internal, one measurement (``path``: linear or naive) in this process.
+    """
+    if isinstance(sizes, int):
+        sizes = [sizes]
+    if device is None:
         import torch
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.worker:
-        print(json.dumps(worker(args.size, args.path, args.channels, args.batch, args.repeats, args.device)))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if worker:
+        if path not in ("linear", "naive") or size is None:
+            raise ValueError(f"--worker needs --size and --path linear|naive, got size={size!r} path={path!r}")
+        print(json.dumps(run_worker(size, path, channels, batch, repeats, device)))
         return
 
     import torch
 
-    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(
-        f"AdaptiveAffinityLoss forward+backward, label weights, C={args.channels}, batch {args.batch}, float32, "
-        f"{args.device} ({dev_name}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"python {platform.python_version()}; time = median of {args.repeats} runs\n"
+        f"AdaptiveAffinityLoss forward+backward, label weights, C={channels}, batch {batch}, float32, "
+        f"{device} ({dev_name}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"python {platform.python_version()}; time = median of {repeats} runs\n"
     )
     print("| grid | N | linear time (ms) | linear peak (MiB) | naive time (ms) | naive peak (MiB) | rel. diff |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     method = None
-    for size in args.sizes:
+    for size in sizes:
         n = size * size
-        lin = measure(size, "linear", args)
+        lin = measure(size, "linear", channels, batch, repeats, device)
         method = lin["method"]
         row = [f"{size}×{size}", str(n), f"{lin['time_s'] * 1e3:.1f}", f"{lin['peak_bytes'] / MIB:.1f}"]
-        need = naive_estimate_bytes(n, args.batch)
-        if need <= args.limit_gib * GIB:
-            nai = measure(size, "naive", args)
+        need = naive_estimate_bytes(n, batch)
+        if need <= limit_gib * GIB:
+            nai = measure(size, "naive", channels, batch, repeats, device)
             rel = abs(lin["value"] - nai["value"]) / abs(nai["value"])
             row += [f"{nai['time_s'] * 1e3:.1f}", f"{nai['peak_bytes'] / MIB:.1f}", f"{rel:.1e}"]
         else:
-            row += [f"skipped: needs {need / GIB:.1f} GiB > {args.limit_gib:g} GiB", "", ""]
+            row += [f"skipped: needs {need / GIB:.1f} GiB > {limit_gib:g} GiB", "", ""]
         print("| " + " | ".join(row) + " |", flush=True)
     print(f"\npeak memory: {method}, minus the baseline just before the measured run")
 
 
 if __name__ == "__main__":
-    main()
+    import fire
+
+    fire.Fire(main)

@@ -16,15 +16,15 @@ Run it under the shared CPU lock::
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import platform
 import random
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import fire
 
 import nibabel as nib
 import numpy as np
@@ -49,20 +49,35 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if s == 0 else float(2.0 * np.logical_and(pred, ref).sum() / s)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-site", default="RUNMC", help="site to train on (default RUNMC)")
-    ap.add_argument("--data", default=None, help="six-site root; default: generate the synthetic one")
-    ap.add_argument("--scale", type=float, default=1.0, help="synthetic case-count scale (default 1.0)")
-    ap.add_argument("--size", type=int, default=96, help="synthetic in-plane matrix (default 96)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of data, split and training")
-    ap.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
-    ap.add_argument("--epochs", type=int, default=1000, help="maximum epochs (the time budget usually stops first)")
-    ap.add_argument("--own-fraction", type=float, default=0.3, help="held-out fraction of the training site")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args(argv)
+def main(
+    train_site: str = "RUNMC",
+    data: str | None = None,
+    scale: float = 1.0,
+    size: int = 96,
+    seed: int = 0,
+    minutes: float = 3.0,
+    epochs: int = 1000,
+    own_fraction: float = 0.3,
+    batch: int = 16,
+    threads: int = 2,
+    json: str | None = None,
+) -> None:
+    """Train on ``train_site`` and print the Dice on every site (options also spelled ``--train-site``, ...).
+
+    Args:
+        train_site: site to train on.
+        data: six-site root; default: generate the synthetic one.
+        scale: synthetic case-count scale.
+        size: synthetic in-plane matrix.
+        seed: seed of data, split and training.
+        minutes: training time budget.
+        epochs: maximum epochs (the time budget usually stops first).
+        own_fraction: held-out fraction of the training site.
+        batch: slices per step.
+        threads: CPU threads.
+        json: also write the results (JSON) here.
+    """
+    args = SimpleNamespace(**locals())  # the options, recorded as given in the JSON's "args"
 
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
@@ -173,8 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         atomic_write_json(args.json, out)
     if tmp is not None:
         tmp.cleanup()
-    return out
 
 
 if __name__ == "__main__":
-    main()
+    fire.Fire(main)

@@ -16,7 +16,6 @@ Prints a Markdown table and writes ``results.json`` to ``--out``. Trainings run 
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import os
@@ -24,6 +23,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import fire
 
 from monai_relkd.data.synthetic import generate_six_site_dataset
 from monai_relkd.nnunet import extension_path
@@ -43,17 +45,27 @@ def nnunet(name: str, *args: str, env: dict, log: Path) -> float:
     return time.time() - start
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="nnunet_loso")
-    p.add_argument("--scale", type=float, default=0.3)
-    p.add_argument("--size", type=int, default=96)
-    p.add_argument("--test-site", default="HK")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--iters", type=int, default=25)
-    p.add_argument("--teacher-epochs", type=int, default=None, help="default: --epochs")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+def main(
+    out: str = "nnunet_loso",
+    scale: float = 0.3,
+    size: int = 96,
+    test_site: str = "HK",
+    epochs: int = 10,
+    iters: int = 25,
+    teacher_epochs: int | None = None,
+    seed: int = 0,
+) -> None:
+    """Run the fold and print the table (options also spelled ``--test-site``, ``--teacher-epochs``).
+
+    Args:
+        out: work folder (nnU-Net raw, preprocessed and results folders, logs, ``results.json``).
+        scale, size: synthetic set size (fraction of the public case counts) and in-plane matrix.
+        test_site: the held-out site.
+        epochs, iters: nnU-Net epochs and iterations per epoch of each student.
+        teacher_epochs: epochs of the teacher (default: ``epochs``).
+        seed: seed of the synthetic set.
+    """
+    args = SimpleNamespace(**locals())
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dataset_id, did = 501, "501"
@@ -122,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    fire.Fire(main)

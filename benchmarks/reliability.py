@@ -13,7 +13,6 @@ Markdown table; takes 2-4 minutes on 2 CPU cores. Exit status 1 if any "nothing 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -268,15 +267,17 @@ def tool_faults(root: Path, data: Path) -> None:
          str(root) + "/", ""), code == 2 and not (root / "release").exists(), "no zip written")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="scratch folder (default: a temporary folder, removed)")
-    args = parser.parse_args()
+def main(out: str | None = None) -> None:
+    """Try every fault and print the table; exits with status 1 when a "nothing lost" check failed.
+
+    Args:
+        out: scratch folder, kept (default: a temporary folder, removed).
+    """
     import tempfile
 
     from monai_relkd.data.synthetic import generate_six_site_dataset
 
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="relkd_reliability_"))
+    root = Path(out) if out else Path(tempfile.mkdtemp(prefix="relkd_reliability_"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
@@ -287,15 +288,18 @@ def main() -> int:
         inference_faults(root, data)
         tool_faults(root, data)
     finally:
-        if not args.out:
+        if not out:
             shutil.rmtree(root, ignore_errors=True)
     print(f"\n| fault or bad input | what the user sees | nothing lost |\n|---|---|---|")
     for row in ROWS:
         print("| " + " | ".join(row) + " |")
     print(f"\n{len(ROWS)} cases in {time.perf_counter() - t0:.0f} s; "
           f"{sum(r[2].startswith('yes') for r in ROWS)} with nothing lost.")
-    return 0 if all(r[2].startswith("yes") for r in ROWS) else 1
+    if not all(r[2].startswith("yes") for r in ROWS):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import fire
+
+    fire.Fire(main)

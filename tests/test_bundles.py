@@ -9,15 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from conftest import BUNDLES, assert_mask_like
 from monai_relkd.demo import run_bundle
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
 TEACHER = BUNDLES / "prostate_mri_teacher"
 STUDENTS = sorted(p for p in BUNDLES.glob("prostate_mri_student_*") if p.is_dir())
 ALL = [TEACHER] + STUDENTS
@@ -87,12 +85,7 @@ def test_train_evaluate_infer(run_dir, bundle, tmp_path):
     out = tmp_path / "pred"
     run_bundle(bundle, ["inference.json"], input_path=str(image), image_size=IMAGE_SIZE, ckpt_path=str(ckpt),
                output_dir=str(out), device="cpu")
-    written = list(out.glob("*.nii.gz"))
-    assert [p.name for p in written] == [image.name.replace(".nii.gz", "_seg.nii.gz")]
-    src, mask = nib.load(str(image)), nib.load(str(written[0]))
-    assert mask.shape == src.shape
-    np.testing.assert_allclose(mask.affine, src.affine, atol=1e-4)
-    assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
+    assert_mask_like(image, out)
     assert image.read_bytes() == before
 
 

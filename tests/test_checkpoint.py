@@ -17,18 +17,11 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from monai_relkd.data._io import SLOW_WRITE_ENV, atomic_write_bytes, remove_stale_temporaries
+from conftest import BUNDLES, subprocess_env as _env
+from monai_relkd.data._io import SLOW_WRITE_ENV, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from monai_relkd.engines import BestModelCheckpoint, TrainingLock, TrainingLockedError, TrainingStateCheckpoint
 
-REPO = Path(__file__).resolve().parents[1]
-STUDENT = REPO / "bundles" / "prostate_mri_student_enet"
-PLUGIN = str(REPO / "plugin")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    env["PYTHONPATH"] = PLUGIN + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+STUDENT = BUNDLES / "prostate_mri_student_enet"
 
 
 # --- the atomic writer --------------------------------------------------------------------------------------------
@@ -54,6 +47,16 @@ def test_sigkill_during_an_atomic_write_leaves_the_previous_file_intact(tmp_path
     assert leftovers and leftovers[0].stat().st_size > 0
     assert remove_stale_temporaries(tmp_path, ["model.pt"]) == leftovers
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_atomic_write_json_takes_json_options_and_writes_nothing_on_a_bad_value(tmp_path):
+    """The one JSON writer (summary, fsd, demo, profiling): json.dumps options pass through; a value JSON cannot
+    hold fails before any file (or temporary) exists."""
+    path = atomic_write_json(tmp_path / "new" / "x.json", {"p": Path("/data"), "b": 1}, default=str, sort_keys=True)
+    assert path.read_text() == '{\n  "b": 1,\n  "p": "/data"\n}\n'
+    with pytest.raises(TypeError):
+        atomic_write_json(tmp_path / "y.json", {"p": Path("/data")})
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new", "x.json"]
 
 
 # --- the best model -----------------------------------------------------------------------------------------------

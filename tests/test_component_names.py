@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from monai.bundle import ComponentLocator, ConfigParser
 
+from conftest import BUNDLES
 import monai_relkd  # noqa: F401  (registers the components)
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
 def _table() -> dict:

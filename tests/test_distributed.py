@@ -12,7 +12,6 @@ rank 0's ``BestModelCheckpoint`` writes (the best validation model) is the final
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,10 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import BUNDLES, subprocess_env
 from monai_relkd.demo import run_bundle
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
 TEACHER = BUNDLES / "prostate_mri_teacher"
 STUDENT = BUNDLES / "prostate_mri_student_enet"
 IMAGE_SIZE = 32
@@ -98,7 +96,7 @@ def test_torchrun_two_cpu_processes_distil_the_student(run: Path):
            "--meta_file", str(configs / "metadata.json"), "--logging_file", str(configs / "logging.conf")]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run(cmd, cwd=run, env=env, capture_output=True, text=True, timeout=240)
     logs = {p.relative_to(run / "torchrun_logs").as_posix(): p.read_text()

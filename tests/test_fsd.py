@@ -12,10 +12,10 @@ import torch
 from monai.networks.nets import UNet
 from scipy import linalg
 
+from conftest import BUNDLES
 from monai_relkd.engines import FeatureTaps
 from monai_relkd.evaluation import frechet_distance, fsd_command, fsd_for_bundle, gaussian_fit, pooled_features
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
 def _scipy_reference(mu1, c1, mu2, c2) -> float:

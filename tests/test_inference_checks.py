@@ -4,7 +4,6 @@ are still segmented, outputs are never re-read, and the run ends non-zero with t
 from __future__ import annotations
 
 import gzip
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import BUNDLES, subprocess_env
 from monai_relkd.demo import run_bundle
 from monai_relkd.inference import InferenceFailed, InputCheckError, check_image_header, check_weights
 from monai_relkd.networks import ENet
 
-REPO = Path(__file__).resolve().parents[1]
-STUDENT = REPO / "bundles" / "prostate_mri_student_enet"
+STUDENT = BUNDLES / "prostate_mri_student_enet"
 AFFINE = np.diag([0.6, 0.6, 3.0, 1.0])
 
 
@@ -98,7 +97,7 @@ def test_a_folder_with_bad_files_segments_the_rest_and_fails_listing_them(folder
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / "inference.json"),
            "--meta_file", str(configs / "metadata.json"), "--bundle_root", str(STUDENT), "--input_path", str(folder),
            "--output_dir", str(folder), "--ckpt_path", str(weights), "--image_size", "32", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     for attempt in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import BUNDLES as BUNDLES_DIR
 from monai_relkd.metadata import BundleMetadataError, validate_bundle_metadata
 
-BUNDLES = sorted(p for p in (Path(__file__).resolve().parents[1] / "bundles").iterdir() if p.is_dir())
+BUNDLES = sorted(p for p in BUNDLES_DIR.iterdir() if p.is_dir())
 
 
 def test_there_is_a_teacher_and_students():

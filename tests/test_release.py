@@ -23,15 +23,13 @@ import threading
 import zipfile
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
+from conftest import REPO, assert_mask_like
 from monai_relkd.demo import run_bundle
 from monai_relkd.release import package_bundle
 
-REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "bundles" / "prostate_mri_student_enet"
 NAME = "prostate_mri_student_enet"
 OWNER, GH_REPO, TAG = "monai-relkd", "monai-relkd", "v0.1.0"
@@ -136,16 +134,7 @@ def _infer(bundle_dir: Path, image: Path, out: Path) -> None:
     """The downloaded bundle's inference.json on one volume: a 0/1 mask with the volume's shape and affine."""
     run_bundle(bundle_dir, ["inference.json"], input_path=str(image), image_size=IMAGE_SIZE, output_dir=str(out),
                device="cpu")
-    _check_mask(image, out)
-
-
-def _check_mask(image: Path, out: Path) -> None:
-    written = list(out.glob("*.nii.gz"))
-    assert [p.name for p in written] == [image.name.replace(".nii.gz", "_seg.nii.gz")]
-    src, mask = nib.load(str(image)), nib.load(str(written[0]))
-    assert mask.shape == src.shape
-    np.testing.assert_allclose(mask.affine, src.affine, atol=1e-4)
-    assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
+    assert_mask_like(image, out)
 
 
 def _sha(path: Path, algorithm: str) -> str:
@@ -208,7 +197,7 @@ def test_download_by_url_then_infer(release, tmp_path):
     _monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
                   "--input_path", str(release["image"]), "--image_size", str(IMAGE_SIZE),
                   "--output_dir", str(out), "--device", "cpu", cwd=tmp_path)
-    _check_mask(release["image"], out)
+    assert_mask_like(release["image"], out)
 
 
 def test_download_from_github_source_against_a_local_server(release, tmp_path):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from conftest import BUNDLES
 from monai_relkd.evaluation import evaluate_folder, write_summary
 from monai_relkd.reports import load_run, read_scalars, report_command, site_stat, write_report
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 SITES = {"RUNMC": "training", "BMC": "validation", "HK": "test"}
 MODELS = [  # name, role, bundle, shrink of the predicted square (0: perfect)
     ("teacher", "teacher", "prostate_mri_teacher", 0),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import torch
 from monai.networks.nets import SegResNet, UNet
 from torch import nn
 
+from conftest import subprocess_env
 from monai_relkd.engines import FeatureTaps, unwrap_module
 
 UNET_TAPS = ["model.0", "model.1.submodule.0", "model.1.submodule.1", "model.2"]
@@ -98,7 +98,7 @@ def test_real_ddp_gloo(tmp_path) -> None:
     suite run for 30 minutes; a hang here now fails in two minutes with this test's name."""
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed unavailable")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-c", _DDP_SCRIPT, str(tmp_path / "store")], capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -8,19 +8,17 @@ import copy
 import pytest
 import torch
 from monai.data import DataLoader
-from monai.networks.nets import UNet
 
+from conftest import TOY_STUDENT_TAPS, TOY_TEACHER_TAPS, toy_student, toy_teacher
 from monai_relkd.engines import DistillationTrainer, FeatureTaps, TeacherOutputCache, distillation_parameters
 from monai_relkd.losses import RelationalDistillationLoss
 
-TEACHER_TAPS = ["model.1.submodule.0", "model.1.submodule.1.submodule.0"]
-STUDENT_TAPS = ["model.0", "model.1.submodule.0"]
+TEACHER_TAPS, STUDENT_TAPS = TOY_TEACHER_TAPS, TOY_STUDENT_TAPS
 
 
-def _teacher() -> UNet:
+def _teacher() -> torch.nn.Module:
     torch.manual_seed(0)
-    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16, 32, 64), strides=(2, 2, 2),
-                num_res_units=1).eval()
+    return toy_teacher().eval()
 
 
 class _Counting:
@@ -108,8 +106,7 @@ def _data(n: int = 4) -> list[dict]:
 
 def _train(cache: TeacherOutputCache | None, key: str | None, epochs: int = 2) -> tuple[DistillationTrainer, list]:
     torch.manual_seed(0)
-    student = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2),
-                   num_res_units=0)
+    student = toy_student()
     loss = RelationalDistillationLoss(lambda_logits=1.0, lambda_km=1.0, lambda_aa=1.0, student_channels=[4, 8],
                                       teacher_channels=[16, 32], aa_grid=4)
     trainer = DistillationTrainer(

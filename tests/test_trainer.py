@@ -10,9 +10,9 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.handlers import StatsHandler
-from monai.networks.nets import UNet
 from torch import nn
 
+from conftest import TOY_STUDENT_TAPS, TOY_TEACHER_TAPS, toy_student, toy_teacher
 from monai_relkd.engines import (
     LOSS_TERM_KEYS,
     DistillationTrainer,
@@ -22,18 +22,8 @@ from monai_relkd.engines import (
 )
 from monai_relkd.losses import RelationalDistillationLoss
 
-STUDENT_TAPS = ["model.0", "model.1.submodule.0"]  # (B, 4, 16, 16), (B, 8, 8, 8)
-TEACHER_TAPS = ["model.1.submodule.0", "model.1.submodule.1.submodule.0"]  # (B, 16, 8, 8), (B, 32, 4, 4)
-
-
-def _student() -> UNet:
-    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
-
-
-def _teacher() -> UNet:
-    return UNet(
-        spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1
-    )
+STUDENT_TAPS, TEACHER_TAPS = TOY_STUDENT_TAPS, TOY_TEACHER_TAPS
+_student, _teacher = toy_student, toy_teacher
 
 
 def _loader(n: int = 2, batch_size: int = 2) -> DataLoader:

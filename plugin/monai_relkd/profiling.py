@@ -508,6 +508,7 @@ def profile_command(
     print(to_markdown([result]))
     print(f"\nFLOPs = 2 x MACs (FlopCounterMode: convolutions and matrix products). Memory: {result.get('mem_method')}.")
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        from .data._io import atomic_write_json
+
+        atomic_write_json(json_out, result)
         print(f"wrote {json_out}")

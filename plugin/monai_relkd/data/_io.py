@@ -124,9 +124,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON (trailing newline) to ``path``."""
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
+    """Atomically write ``obj`` as JSON (trailing newline) to ``path``; ``dumps_kwargs`` go to ``json.dumps``
+    (default ``indent=2``)."""
+    dumps_kwargs.setdefault("indent", 2)
+    return atomic_write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, compress: bool = True, compresslevel: int = 6) -> bytes:

@@ -243,6 +243,59 @@ def _case_sort_key(case: str) -> tuple[int, str]:
     return (int(digits) if digits else -1, case)
 
 
+def _header_problem(
+    image_path: Path, label_path: Path, shape: tuple, lab_shape: tuple, affine: np.ndarray, lab_affine: np.ndarray,
+    spacing: tuple, affine_atol: float,
+) -> tuple[Path, str] | None:
+    """The first problem, as ``(file, message)``, of the dimensions, shapes, affines and spacing of an image/label
+    pair, or None."""
+    if len(shape) != 3:
+        return image_path, f"image is not 3-D (shape {shape})"
+    if len(lab_shape) != 3:
+        return label_path, f"segmentation is not 3-D (shape {lab_shape})"
+    if shape != lab_shape:
+        return label_path, f"segmentation shape {lab_shape} differs from image shape {shape}"
+    if not np.allclose(affine, lab_affine, rtol=0.0, atol=affine_atol):
+        diff = float(np.abs(affine - lab_affine).max())
+        return label_path, (f"segmentation affine differs from the image affine (max |diff| {diff:.4g} > "
+                            f"tolerance {affine_atol:g})")
+    if any(not math.isfinite(s) or s <= 0 for s in spacing):
+        return image_path, f"non-positive or non-finite voxel spacing {spacing}"
+    return None
+
+
+def _intensity_problem(image_path: Path, img: Any) -> tuple[Path, str] | None:
+    """``(file, message)`` when a float (or scaled) image holds NaN/Inf voxels, else None."""
+    try:
+        if np.issubdtype(img.get_data_dtype(), np.floating) or img.dataobj.slope not in (None, 1.0):
+            data = np.asanyarray(img.dataobj)
+            finite = np.isfinite(data)
+            if not finite.all():
+                n_nan = int(np.isnan(data).sum())
+                n_inf = int(data.size - finite.sum()) - n_nan
+                return image_path, f"non-finite intensities ({n_nan} NaN, {n_inf} Inf voxels)"
+    except Exception as e:
+        return image_path, f"unreadable image data ({type(e).__name__}: {e})"
+    return None
+
+
+def _label_problem(
+    label_path: Path, ldata: np.ndarray, values: np.ndarray, allowed_labels: frozenset
+) -> tuple[Path, str] | None:
+    """The first problem, as ``(file, message)``, of a segmentation's values (NaN/Inf, unknown labels, no
+    foreground), or None."""
+    if np.issubdtype(ldata.dtype, np.floating) and not np.isfinite(ldata).all():
+        return label_path, "segmentation holds NaN/Inf values"
+    unknown = [v for v in values.tolist() if v not in allowed_labels]
+    if unknown:
+        shown = ", ".join(f"{v:g}" for v in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+        allowed = ",".join(f"{v:g}" for v in sorted(allowed_labels))
+        return label_path, f"unknown label value(s) {shown} (allowed: {allowed})"
+    if not np.count_nonzero(ldata > 0):
+        return label_path, "empty segmentation (no voxel > 0)"
+    return None
+
+
 def _check_case(
     site: str,
     case: str,
@@ -255,69 +308,36 @@ def _check_case(
     """Validate one image/label pair; return the record (``None`` when the case must be left out) and problems."""
     import nibabel as nib
 
-    problems: list[CaseProblem] = []
-
     def bad(path: Path, msg: str) -> tuple[None, list[CaseProblem]]:
-        problems.append(CaseProblem(site, case, str(path), msg))
-        return None, problems
+        return None, [CaseProblem(site, case, str(path), msg)]
 
     if label_path is None:
         return bad(image_path, f"missing segmentation (expected {case}_segmentation.nii.gz or "
                                f"{case}_Segmentation.nii.gz beside it)")
     try:
         img = nib.load(str(image_path))
-        shape = tuple(int(s) for s in img.shape)
-        affine = np.asarray(img.affine, dtype=float)
+        shape, affine = tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=float)
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     except Exception as e:  # nibabel raises several types for corrupt / non-NIfTI files
         return bad(image_path, f"unreadable image ({type(e).__name__}: {e})")
     try:
         lab = nib.load(str(label_path))
-        lab_shape = tuple(int(s) for s in lab.shape)
-        lab_affine = np.asarray(lab.affine, dtype=float)
+        lab_shape, lab_affine = tuple(int(s) for s in lab.shape), np.asarray(lab.affine, dtype=float)
     except Exception as e:
         return bad(label_path, f"unreadable segmentation ({type(e).__name__}: {e})")
-
-    if len(shape) != 3:
-        return bad(image_path, f"image is not 3-D (shape {shape})")
-    if len(lab_shape) != 3:
-        return bad(label_path, f"segmentation is not 3-D (shape {lab_shape})")
-    if shape != lab_shape:
-        return bad(label_path, f"segmentation shape {lab_shape} differs from image shape {shape}")
-    if not np.allclose(affine, lab_affine, rtol=0.0, atol=affine_atol):
-        diff = float(np.abs(affine - lab_affine).max())
-        return bad(label_path, f"segmentation affine differs from the image affine (max |diff| {diff:.4g} > "
-                               f"tolerance {affine_atol:g})")
-    if any(not math.isfinite(s) or s <= 0 for s in spacing):
-        return bad(image_path, f"non-positive or non-finite voxel spacing {spacing}")
-
-    if check_intensities:
-        try:
-            if np.issubdtype(img.get_data_dtype(), np.floating) or img.dataobj.slope not in (None, 1.0):
-                data = np.asanyarray(img.dataobj)
-                finite = np.isfinite(data)
-                if not finite.all():
-                    n_nan = int(np.isnan(data).sum())
-                    n_inf = int(data.size - finite.sum()) - n_nan
-                    return bad(image_path, f"non-finite intensities ({n_nan} NaN, {n_inf} Inf voxels)")
-        except Exception as e:
-            return bad(image_path, f"unreadable image data ({type(e).__name__}: {e})")
-
+    problem = _header_problem(image_path, label_path, shape, lab_shape, affine, lab_affine, spacing, affine_atol)
+    if problem is None and check_intensities:
+        problem = _intensity_problem(image_path, img)
+    if problem is not None:
+        return bad(*problem)
     try:
         ldata = np.asanyarray(lab.dataobj)
     except Exception as e:
         return bad(label_path, f"unreadable segmentation data ({type(e).__name__}: {e})")
-    if np.issubdtype(ldata.dtype, np.floating) and not np.isfinite(ldata).all():
-        return bad(label_path, "segmentation holds NaN/Inf values")
     values = np.unique(ldata)
-    unknown = [v for v in values.tolist() if v not in allowed_labels]
-    if unknown:
-        shown = ", ".join(f"{v:g}" for v in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
-        allowed = ",".join(f"{v:g}" for v in sorted(allowed_labels))
-        return bad(label_path, f"unknown label value(s) {shown} (allowed: {allowed})")
-    n_fg = int(np.count_nonzero(ldata > 0))
-    if n_fg == 0:
-        return bad(label_path, "empty segmentation (no voxel > 0)")
+    problem = _label_problem(label_path, ldata, values, allowed_labels)
+    if problem is not None:
+        return bad(*problem)
     record = CaseRecord(
         site=site,
         case=case,
@@ -326,9 +346,9 @@ def _check_case(
         shape=shape,
         spacing=spacing,
         label_values=tuple(int(v) if float(v).is_integer() else v for v in values.tolist()),
-        foreground_voxels=n_fg,
+        foreground_voxels=int(np.count_nonzero(ldata > 0)),
     )
-    return record, problems
+    return record, []
 
 
 def scan_sites(

@@ -100,11 +100,61 @@ def _ellipse(x, y, cx, cy, a, b) -> np.ndarray:
     return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2
 
 
-def generate_case(profile: SiteProfile, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
-                                                                                       np.ndarray, dict]:
-    """Render one case of ``profile``: returns ``(image float32 (X,Y,Z), label uint8, affine 4x4, info)``."""
+@dataclass
+class _Grid:
+    """World coordinates (mm) of every voxel, broadcast to the volume's shape, and the acquisition."""
+
+    X: np.ndarray
+    Y: np.ndarray
+    Z: np.ndarray
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    dx: float
+    dz: float
+    field_T: float
+
+
+@dataclass
+class _Body:
+    """Outer body ellipse (semi-axes ``a``, ``b``, centre ``cy``) and its mask."""
+
+    a: float
+    b: float
+    cy: float
+    mask: np.ndarray
+
+
+@dataclass
+class _Gland:
+    """The prostate in its own frame (``xp, yp, zp``, normalised radius ``rr``, semi-axes ``a, b, c``) and masks."""
+
+    xp: np.ndarray
+    yp: np.ndarray
+    zp: np.ndarray
+    rr: np.ndarray
+    a: float
+    b: float
+    c: float
+    prostate: np.ndarray | None = None
+    cg: np.ndarray | None = None
+    pz: np.ndarray | None = None
+    capsule: np.ndarray | None = None
+
+
+@dataclass
+class _Rectum:
+    """Rectum centre ``(x, y)``, radius ``r``, normalised distance ``rd`` and the endorectal balloon (or None)."""
+
+    x: float
+    y: float
+    r: float
+    rd: np.ndarray
+    balloon: np.ndarray | None
+
+
+def _acquisition_grid(profile: SiteProfile, size: int, rng: np.random.Generator) -> _Grid:
+    """Field of view, slice thickness and count, field strength and position of one case; the voxel grid in mm."""
     u = rng.uniform
-    # --- acquisition geometry -------------------------------------------------------------------------------
     fov = profile.fov_mm * u(0.93, 1.07)
     dx = fov / size
     dz = round(profile.slice_mm * u(0.95, 1.05), 2)
@@ -119,18 +169,19 @@ def generate_case(profile: SiteProfile, size: int, rng: np.random.Generator) -> 
     y = (origin[1] + dx * np.arange(size, dtype=np.float32))[None, :, None].astype(np.float32)
     z = (origin[2] + dz * np.arange(nz, dtype=np.float32))[None, None, :].astype(np.float32)
     full = np.zeros(shape, np.float32)
-    X, Y, Z = x + full, y + full, z + full
+    return _Grid(x + full, y + full, z + full, shape, affine, dx, dz, field_T)
 
-    # --- anatomy (mm; x right, y anterior, z superior; prostate centred at the origin) -------------------------
-    img = np.zeros(shape, np.float32)
-    tex = _smooth_field(rng, shape, (6, 6, 3))
+
+def _paint_pelvis(img: np.ndarray, g: _Grid, rng: np.random.Generator) -> _Body:
+    """Body outline, fat, muscles, pubic bone, femoral heads and bladder (mm; x right, y anterior, z superior)."""
+    u, X, Y, Z = rng.uniform, g.X, g.Y, g.Z
     body_a, body_b, body_cy = u(135, 165), u(95, 115), u(12, 22)
     body = _ellipse(X, Y, 0, body_cy, body_a, body_b) <= 1
     img[body] = 0.74  # pelvic fat
     sub_t = u(12, 25)
     subcut = body & (_ellipse(X, Y, 0, body_cy, body_a - sub_t, body_b - sub_t) > 1)
     img[subcut] = 0.86
-    muscle = np.zeros(shape, bool)
+    muscle = np.zeros(g.shape, bool)
     for side in (-1, 1):
         # gluteus maximus (posterolateral), obturator internus (lateral wall), levator ani (sling around the rectum)
         muscle |= _ellipse(X, Y, side * u(60, 75), body_cy - body_b + sub_t + u(22, 30), u(40, 52), u(22, 30)) <= 1
@@ -153,12 +204,16 @@ def generate_case(profile: SiteProfile, size: int, rng: np.random.Generator) -> 
     bl = _ellipse(X, Y, u(-5, 5), u(22, 32), u(30, 45), u(18, 28)) + ((Z - u(30, 40)) / u(16, 24)) ** 2
     img[bl <= 1.25] = 0.25
     img[bl <= 1.0] = 1.0
+    return _Body(body_a, body_b, body_cy, body)
 
-    # prostate geometry: semi-axes, rotation, harmonic deformation, apex taper
+
+def _gland_shape(g: _Grid, rng: np.random.Generator) -> _Gland:
+    """Prostate semi-axes, rotation, harmonic deformation, apex taper and flat posterior surface."""
+    u = rng.uniform
     a, b, c = u(19, 29), u(13, 20), u(15, 22)
     rot = u(-0.25, 0.25)
     cr, sr = math.cos(rot), math.sin(rot)
-    xp, yp, zp = cr * X + sr * Y, -sr * X + cr * Y, Z - u(-4, 4)
+    xp, yp, zp = cr * g.X + sr * g.Y, -sr * g.X + cr * g.Y, g.Z - u(-4, 4)
     taper = 1.0 - u(0.15, 0.35) * np.clip(-zp / c, 0, 1)  # narrower towards the apex (inferior)
     bpost = np.where(yp < 0, u(0.75, 0.9), 1.0)  # flatter posterior surface
     phi = np.arctan2(yp, xp)
@@ -166,99 +221,138 @@ def generate_case(profile: SiteProfile, size: int, rng: np.random.Generator) -> 
     for k in (2, 3, 4):
         bump = bump + u(0.0, 0.07) * np.cos(k * phi + u(0, 2 * np.pi))
     r2 = (xp / (a * taper)) ** 2 + (yp / (b * taper * bpost)) ** 2 + (zp / c) ** 2
-    rr = np.sqrt(r2) / bump
+    return _Gland(xp, yp, zp, np.sqrt(r2) / bump, a, b, c)
 
-    # rectum and (endorectal coil) balloon, right behind the prostate
-    rect_r = u(20, 26) if profile.endorectal else u(10, 14)
-    rect_y = -(b * u(0.75, 0.9) + rect_r + u(3, 6))
+
+def _rectum_and_zones(gl: _Gland, g: _Grid, endorectal: bool, rng: np.random.Generator) -> _Rectum:
+    """Rectum (and endorectal balloon) right behind the prostate; fills the gland's prostate / zone / capsule
+    masks, which the balloon flattens."""
+    u = rng.uniform
+    rect_r = u(20, 26) if endorectal else u(10, 14)
+    rect_y = -(gl.b * u(0.75, 0.9) + rect_r + u(3, 6))
     rect_x = u(-4, 4)
-    rd = np.sqrt(_ellipse(X, Y, rect_x, rect_y, rect_r, rect_r * (0.8 if profile.endorectal else 0.9)))
-    prostate = rr <= 1.0
+    rd = np.sqrt(_ellipse(g.X, g.Y, rect_x, rect_y, rect_r, rect_r * (0.8 if endorectal else 0.9)))
+    prostate = gl.rr <= 1.0
     balloon = None
-    if profile.endorectal:
+    if endorectal:
         # the balloon flattens the posterior gland: nothing of the prostate within the balloon + wall
         prostate &= rd > 1.0 + 3.0 / rect_r
         balloon = rd <= 1.0 - 2.5 / rect_r
+    a, b, c = gl.a, gl.b, gl.c
     cg = prostate & (
-        (xp / (a * u(0.55, 0.72))) ** 2 + ((yp - b * u(0.15, 0.3)) / (b * u(0.5, 0.68))) ** 2
-        + ((zp - c * u(0.1, 0.25)) / (c * u(0.6, 0.8))) ** 2 <= 1.0
+        (gl.xp / (a * u(0.55, 0.72))) ** 2 + ((gl.yp - b * u(0.15, 0.3)) / (b * u(0.5, 0.68))) ** 2
+        + ((gl.zp - c * u(0.1, 0.25)) / (c * u(0.6, 0.8))) ** 2 <= 1.0
     )
-    pz = prostate & ~cg
-    capsule = (rr <= 1.0 + 2.0 / a) & ~prostate
-    if profile.endorectal:
+    capsule = (gl.rr <= 1.0 + 2.0 / a) & ~prostate
+    if endorectal:
         capsule &= rd > 1.0 + 3.0 / rect_r
+    gl.prostate, gl.cg, gl.pz, gl.capsule = prostate, cg, prostate & ~cg, capsule
+    return _Rectum(rect_x, rect_y, rect_r, rd, balloon)
+
+
+def _paint_gland(img: np.ndarray, gl: _Gland, g: _Grid, size: int, rng: np.random.Generator) -> None:
+    """Neurovascular bundles, seminal vesicles, capsule, nodular central gland, peripheral zone and urethra."""
+    u, X, Y = rng.uniform, g.X, g.Y
+    a, b, c, prostate = gl.a, gl.b, gl.c, gl.prostate
     # periprostatic venous plexus (bright dots) and neurovascular bundles, posterolateral
     for side in (-1, 1):
         nvb = _ellipse(X, Y, side * (a * 0.8), -b * 0.6, 3.5, 3.5) <= 1
         img[nvb & ~prostate] = 0.9
     # seminal vesicles (superior-posterior, bright with septa)
-    sv = np.zeros(shape, bool)
+    sv = np.zeros(g.shape, bool)
     for side in (-1, 1):
         sv |= (_ellipse(X, Y, side * u(12, 18), -b * u(0.3, 0.6), u(10, 15), u(4, 7))
-               + ((Z - c * u(0.9, 1.2)) / u(6, 10)) ** 2) <= 1
+               + ((g.Z - c * u(0.9, 1.2)) / u(6, 10)) ** 2) <= 1
     sv &= ~prostate
     img[sv] = 0.82 + 0.12 * np.sin(X[sv] * 1.3) * np.sin(Y[sv] * 1.1)
-    img[capsule] = 0.22
-    nod = _smooth_field(rng, shape, (max(3, size // 10), max(3, size // 10), 5))
-    img[cg] = 0.38 + 0.07 * nod[cg]  # nodular central gland (BPH)
-    img[pz] = 0.78 + 0.04 * nod[pz]
+    img[gl.capsule] = 0.22
+    nod = _smooth_field(rng, g.shape, (max(3, size // 10), max(3, size // 10), 5))
+    img[gl.cg] = 0.38 + 0.07 * nod[gl.cg]  # nodular central gland (BPH)
+    img[gl.pz] = 0.78 + 0.04 * nod[gl.pz]
     urethra = (_ellipse(X, Y, 0, b * u(0.1, 0.25), 1.8, 1.8) <= 1) & prostate
     img[urethra] = 0.6
-    # rectal wall and lumen
-    wall = (rd <= 1.0) & (rd > 1.0 - 3.0 / rect_r) & body
-    if not profile.endorectal:
-        img[(rd <= 1.0) & body] = 0.3
+
+
+def _paint_rectum(img: np.ndarray, rc: _Rectum, g: _Grid, body: np.ndarray, tex: np.ndarray,
+                  rng: np.random.Generator) -> str:
+    """Rectal wall and lumen (gas from the texture field), or the balloon (air or fluid) and coil; returns the
+    balloon's fill: ``"air"``, ``"fluid"`` or ``"none"``."""
+    wall = (rc.rd <= 1.0) & (rc.rd > 1.0 - 3.0 / rc.r) & body
+    if rc.balloon is None:
+        img[(rc.rd <= 1.0) & body] = 0.3
     img[wall] = 0.25
-    if balloon is not None:
+    if rc.balloon is not None:
         fill = "air" if rng.random() < 0.6 else "fluid"
-        img[balloon & body] = 0.02 if fill == "air" else 0.95
-        coil = _ellipse(X, Y, rect_x, rect_y - rect_r * 0.15, 3.0, 2.0) <= 1
+        img[rc.balloon & body] = 0.02 if fill == "air" else 0.95
+        coil = _ellipse(g.X, g.Y, rc.x, rc.y - rc.r * 0.15, 3.0, 2.0) <= 1
         img[coil] = 0.0
-    else:
-        fill = "none"
-        lumen = rd <= 0.55
-        gas = lumen & (tex > 0.3)
-        img[lumen] = 0.35
-        img[gas] = 0.04
+        return fill
+    lumen = rc.rd <= 0.55
+    gas = lumen & (tex > 0.3)
+    img[lumen] = 0.35
+    img[gas] = 0.04
+    return "none"
 
-    # tissue texture (multiplicative, low frequency) and partial volume in-plane
-    img *= 1.0 + 0.06 * tex
-    img = ndimage.gaussian_filter(img, sigma=(0.6, 0.6, 0.0)).astype(np.float32)
 
-    # --- receive bias field ---------------------------------------------------------------------------------
-    bias = 1.0 + 0.1 * _smooth_field(rng, shape, (3, 3, 2))
-    if profile.endorectal:
-        dcoil = np.sqrt((X - rect_x) ** 2 + (Y - rect_y) ** 2 + (0.5 * Z) ** 2)
+def _receive_bias(g: _Grid, body: _Body, rc: _Rectum, endorectal: bool, rng: np.random.Generator) -> np.ndarray:
+    """Smooth receive-bias field: strong and posterior for an endorectal coil, brighter near the surface for a
+    phased array."""
+    u = rng.uniform
+    bias = 1.0 + 0.1 * _smooth_field(rng, g.shape, (3, 3, 2))
+    if endorectal:
+        dcoil = np.sqrt((g.X - rc.x) ** 2 + (g.Y - rc.y) ** 2 + (0.5 * g.Z) ** 2)
         amp, length = u(2.5, 5.0), u(14, 24)
-        bias = bias * (u(0.45, 0.65) + amp * np.exp(-dcoil / length))
-    else:
-        rad = np.sqrt(_ellipse(X, Y, 0, body_cy, body_a, body_b))
-        bias = bias * (0.8 + 0.3 * np.clip(rad, 0, 1.2) ** 2)  # phased array: brighter near the surface
-    img = img * bias
+        return bias * (u(0.45, 0.65) + amp * np.exp(-dcoil / length))
+    rad = np.sqrt(_ellipse(g.X, g.Y, 0, body.cy, body.a, body.b))
+    return bias * (0.8 + 0.3 * np.clip(rad, 0, 1.2) ** 2)  # phased array: brighter near the surface
 
-    # --- noise (Rician) and the vendor intensity curve --------------------------------------------------------
+
+def _noise_and_vendor(img: np.ndarray, profile: SiteProfile, field_T: float, rng: np.random.Generator) -> np.ndarray:
+    """Rician noise at the field strength's level, then the vendor's intensity curve; float32."""
+    u = rng.uniform
     sigma = _NOISE_SIGMA[field_T] * u(0.85, 1.15) * 0.8
-    n1 = rng.standard_normal(shape, dtype=np.float32) * sigma
-    n2 = rng.standard_normal(shape, dtype=np.float32) * sigma
+    n1 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
+    n2 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
     img = np.sqrt((img + n1) ** 2 + n2**2)
     scale, gamma, offset = _VENDOR_CURVE[profile.vendor]
     img = scale * u(0.85, 1.15) * np.power(img, gamma * u(0.95, 1.05)) + offset * u(0.8, 1.2)
-    image = img.astype(np.float32)
+    return img.astype(np.float32)
 
-    label = np.zeros(shape, np.uint8)
+
+def generate_case(profile: SiteProfile, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
+                                                                                       np.ndarray, dict]:
+    """Render one case of ``profile``: returns ``(image float32 (X,Y,Z), label uint8, affine 4x4, info)``.
+
+    The steps draw from ``rng`` in a fixed order, so a seed always gives the same case.
+    """
+    g = _acquisition_grid(profile, size, rng)
+    img = np.zeros(g.shape, np.float32)
+    tex = _smooth_field(rng, g.shape, (6, 6, 3))
+    body = _paint_pelvis(img, g, rng)
+    gland = _gland_shape(g, rng)
+    rectum = _rectum_and_zones(gland, g, profile.endorectal, rng)
+    _paint_gland(img, gland, g, size, rng)
+    fill = _paint_rectum(img, rectum, g, body.mask, tex, rng)
+    # tissue texture (multiplicative, low frequency) and partial volume in-plane
+    img *= 1.0 + 0.06 * tex
+    img = ndimage.gaussian_filter(img, sigma=(0.6, 0.6, 0.0)).astype(np.float32)
+    img = img * _receive_bias(g, body, rectum, profile.endorectal, rng)
+    image = _noise_and_vendor(img, profile, g.field_T, rng)
+
+    label = np.zeros(g.shape, np.uint8)
     if profile.zones:
-        label[cg] = 1
-        label[pz] = 2
+        label[gland.cg] = 1
+        label[gland.pz] = 2
     else:
-        label[prostate] = 1
+        label[gland.prostate] = 1
     info = {
-        "spacing": [round(dx, 4), round(dx, 4), dz],
-        "shape": list(shape),
-        "field_T": field_T,
+        "spacing": [round(g.dx, 4), round(g.dx, 4), g.dz],
+        "shape": list(g.shape),
+        "field_T": g.field_T,
         "balloon": fill,
-        "prostate_ml": round(float(prostate.sum()) * dx * dx * dz / 1000.0, 2),
+        "prostate_ml": round(float(gland.prostate.sum()) * g.dx * g.dx * g.dz / 1000.0, 2),
     }
-    return image, label, affine, info
+    return image, label, g.affine, info
 
 
 def _case_counts(scale: float) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """Engines: feature taps (forward hooks by module name), the teacher loader, ``DistillationTrainer`` and the checkpoint,
 resume and lock handlers."""
 
+from . import checkpoint
 from .cache import TeacherOutputCache
 from .checkpoint import (
     AtomicSaver,
@@ -35,13 +36,7 @@ __all__ = [
     "LOSS_TERM_KEYS",
     "loss_terms_from_engine",
     "distillation_parameters",
-    "AtomicSaver",
-    "BestModelCheckpoint",
-    "TrainingStateCheckpoint",
-    "TrainingLock",
-    "TrainingLockedError",
-    "RandomStates",
-    "read_model_record",
+    *checkpoint.__all__,
     "pretrain_teacher_msan",
     "load_alignment_network",
     "load_msan_weights",

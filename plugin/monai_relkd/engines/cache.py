@@ -20,7 +20,6 @@ instance per name within a process, so students trained one after another on the
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -163,14 +162,13 @@ class TeacherOutputCache:
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the cache to ``path`` (default: the constructor's ``path``) atomically; returns the path."""
-        from monai_relkd.data._io import atomic_write_bytes
+        from monai_relkd.data._io import atomic_torch_save
 
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("TeacherOutputCache.save: no path given and none set at construction.")
-        buf = io.BytesIO()
-        torch.save({"dtype": str(self.dtype), "entries": {k.hex(): v for k, v in self._store.items()}}, buf)
-        return atomic_write_bytes(target, buf.getvalue())
+        atomic_torch_save({"dtype": str(self.dtype), "entries": {k.hex(): v for k, v in self._store.items()}}, target)
+        return target
 
     def load(self, path: str | os.PathLike) -> TeacherOutputCache:
         """Add the entries of a file written by :meth:`save`.

@@ -12,7 +12,6 @@ Bundle use (the ENet student bundle's ``configs/gkd.json``)::
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data._io import atomic_write_bytes
+from ..data._io import atomic_torch_save
 from ..losses.gkd import AlignmentConsistencyLoss, freeze_alignment_network
 from ..networks.alignment import AlignmentNetwork
 from .taps import FeatureTaps
@@ -127,11 +126,8 @@ def pretrain_teacher_msan(
 def _save(msan: AlignmentNetwork, path: str | os.PathLike, **info: Any) -> None:
     config = {"in_channels": msan.in_channels, "vector_dim": msan.vector_dim, "grid": msan.grid,
               "hidden_channels": msan.encoder[0].out_features, "spatial_dims": msan.spatial_dims}
-    buffer = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in msan.state_dict().items()}
-    torch.save({"state_dict": state, "config": config, **info}, buffer)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_torch_save({"state_dict": state, "config": config, **info}, path)
     logger.info("MSAN saved to %s (%s)", path, info)
 
 

@@ -309,40 +309,13 @@ class DistillationTrainer(SupervisedTrainer):
         teacher_input_key: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if teacher is None:
-            if teacher_required(loss_function):
-                raise ValueError(
-                    "teacher is None but the loss has a distillation term on (lambda_logits, lambda_km or "
-                    "lambda_aa > 0): give a teacher, or set every lambda to 0 to train without distillation."
-                )
-            if student_taps or teacher_taps:
-                logger.info("DistillationTrainer: no teacher (every lambda is 0): the feature taps are not used.")
-        elif not isinstance(teacher, nn.Module):
-            raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}.")
-        if not callable(loss_function):
-            raise TypeError(f"loss_function must be callable, got {type(loss_function).__name__}.")
-        student_taps, teacher_taps = list(student_taps or ()), list(teacher_taps or ())
-        if teacher is None:
-            student_taps, teacher_taps = [], []
-        if len(student_taps) != len(teacher_taps):
-            raise ValueError(
-                f"student_taps and teacher_taps are paired by position and must have the same length, got "
-                f"{len(student_taps)} student and {len(teacher_taps)} teacher taps."
-            )
-        self._check_loss_taps(loss_function, len(student_taps))
+        student_taps, teacher_taps = self._checked_taps(teacher, loss_function, student_taps, teacher_taps)
         device = torch.device(device) if isinstance(device, str) else device
         if teacher is not None:
-            teacher = strip_wrappers(teacher)
-            if unwrap_module(teacher) is unwrap_module(network):
-                raise ValueError("teacher and network (the student) are the same module.")
-            teacher_ids = {id(p) for p in teacher.parameters()}
-            if any(id(p) in teacher_ids for g in optimizer.param_groups for p in g["params"]):
-                raise ValueError("the optimizer holds teacher parameters: build it from the student (and loss) only.")
-            freeze(teacher.to(device))
+            teacher = self._frozen_teacher(teacher, network, optimizer, device)
         if isinstance(loss_function, nn.Module):
             loss_function.to(device)
         self._add_loss_params_to_optimizer(optimizer, loss_function)
-
         inferer = kwargs.get("inferer")
         if student_taps and inferer is not None and not isinstance(inferer, SimpleInferer):
             logger.warning(
@@ -371,6 +344,51 @@ class DistillationTrainer(SupervisedTrainer):
         self.add_event_handler(Events.ITERATION_STARTED, DistillationTrainer._start_iteration)
         if isinstance(loss_function, nn.Module) and any(p.requires_grad for p in loss_function.parameters()):
             self.add_event_handler(IterationEvents.BACKWARD_COMPLETED, DistillationTrainer._all_reduce_loss_grads)
+
+    @classmethod
+    def _checked_taps(
+        cls, teacher: nn.Module | None, loss_function: Callable, student_taps: Sequence[str],
+        teacher_taps: Sequence[str],
+    ) -> tuple[list[str], list[str]]:
+        """Check the teacher, the loss and the tap lists against each other; returns the tap lists to hook (empty
+        without a teacher)."""
+        if teacher is None:
+            if teacher_required(loss_function):
+                raise ValueError(
+                    "teacher is None but the loss has a distillation term on (lambda_logits, lambda_km or "
+                    "lambda_aa > 0): give a teacher, or set every lambda to 0 to train without distillation."
+                )
+            if student_taps or teacher_taps:
+                logger.info("DistillationTrainer: no teacher (every lambda is 0): the feature taps are not used.")
+        elif not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}.")
+        if not callable(loss_function):
+            raise TypeError(f"loss_function must be callable, got {type(loss_function).__name__}.")
+        student_taps, teacher_taps = list(student_taps or ()), list(teacher_taps or ())
+        if teacher is None:
+            student_taps, teacher_taps = [], []
+        if len(student_taps) != len(teacher_taps):
+            raise ValueError(
+                f"student_taps and teacher_taps are paired by position and must have the same length, got "
+                f"{len(student_taps)} student and {len(teacher_taps)} teacher taps."
+            )
+        cls._check_loss_taps(loss_function, len(student_taps))
+        return student_taps, teacher_taps
+
+    @staticmethod
+    def _frozen_teacher(
+        teacher: nn.Module, network: nn.Module, optimizer: Optimizer, device: torch.device
+    ) -> nn.Module:
+        """The teacher without DDP/compile wrappers, frozen on ``device``; refuses a teacher that is the student or
+        whose parameters the optimizer holds."""
+        teacher = strip_wrappers(teacher)
+        if unwrap_module(teacher) is unwrap_module(network):
+            raise ValueError("teacher and network (the student) are the same module.")
+        teacher_ids = {id(p) for p in teacher.parameters()}
+        if any(id(p) in teacher_ids for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("the optimizer holds teacher parameters: build it from the student (and loss) only.")
+        freeze(teacher.to(device))
+        return teacher
 
     @staticmethod
     def _start_iteration(engine: DistillationTrainer) -> None:

@@ -190,6 +190,37 @@ def load_mask(path: PathLike) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]
     return arr, np.asarray(img.affine, dtype=np.float64), zooms
 
 
+def _evaluate_entry(e: Mapping[str, Any], pred_path: Path, affine_atol: float) -> dict[str, Any]:
+    """Metrics of one datalist entry against its prediction, after checking that both share shape and affine;
+    returns the case record of :func:`summarize_cases`."""
+    label, l_aff, spacing = load_mask(e["label"])
+    pred, p_aff, _ = load_mask(pred_path)
+    if pred.shape != label.shape:
+        raise ValueError(
+            f"case '{e['case']}': prediction {pred_path} has shape {pred.shape} but label {e['label']} has "
+            f"{label.shape}; predictions must be written in the label's geometry (invert spatial transforms)."
+        )
+    if not np.allclose(p_aff, l_aff, rtol=0.0, atol=affine_atol):
+        raise ValueError(
+            f"case '{e['case']}': affine of prediction {pred_path} differs from label {e['label']} "
+            f"(max abs diff {np.abs(p_aff - l_aff).max():.4g} > {affine_atol}):\n{p_aff}\nvs\n{l_aff}"
+        )
+    try:
+        metrics = evaluate_case(pred, label, spacing)
+    except ValueError as err:
+        raise ValueError(f"case '{e['case']}' ({pred_path} vs {e['label']}): {err}") from err
+    return {
+        "case": e["case"],
+        "site": e["site"],
+        "prediction": str(pred_path),
+        "reference": str(e["label"]),
+        "spacing": list(spacing),
+        "empty_prediction": not bool(binarize(pred).any()),
+        "empty_reference": not bool(binarize(label).any()),
+        "metrics": metrics,
+    }
+
+
 def evaluate_folder(
     pred_dir: PathLike,
     datalist: PathLike | Mapping[str, Any],
@@ -248,34 +279,7 @@ def evaluate_folder(
                 "save predictions per site or per case folder (SaveImaged separate_folder/data_root_dir)."
             )
         used[key] = f"{e['site']}/{e['case']}"
-        label, l_aff, spacing = load_mask(e["label"])
-        pred, p_aff, _ = load_mask(pred_path)
-        if pred.shape != label.shape:
-            raise ValueError(
-                f"case '{e['case']}': prediction {pred_path} has shape {pred.shape} but label {e['label']} has "
-                f"{label.shape}; predictions must be written in the label's geometry (invert spatial transforms)."
-            )
-        if not np.allclose(p_aff, l_aff, rtol=0.0, atol=affine_atol):
-            raise ValueError(
-                f"case '{e['case']}': affine of prediction {pred_path} differs from label {e['label']} "
-                f"(max abs diff {np.abs(p_aff - l_aff).max():.4g} > {affine_atol}):\n{p_aff}\nvs\n{l_aff}"
-            )
-        try:
-            metrics = evaluate_case(pred, label, spacing)
-        except ValueError as err:
-            raise ValueError(f"case '{e['case']}' ({pred_path} vs {e['label']}): {err}") from err
-        cases.append(
-            {
-                "case": e["case"],
-                "site": e["site"],
-                "prediction": str(pred_path),
-                "reference": str(e["label"]),
-                "spacing": list(spacing),
-                "empty_prediction": not bool(binarize(pred).any()),
-                "empty_reference": not bool(binarize(label).any()),
-                "metrics": metrics,
-            }
-        )
+        cases.append(_evaluate_entry(e, pred_path, affine_atol))
     summary = summarize_cases(cases)
     summary["config"] = {
         "pred_dir": str(pred_root),

@@ -30,7 +30,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -404,9 +403,7 @@ def fsd_command(
         f"{', '.join(result['test_sites'])} ({slices} slices, image size {image_size})"
     )
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
+        from ..data._io import atomic_write_json
+
+        path = atomic_write_json(out, result)
         print(f"wrote {path}")

@@ -26,13 +26,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
+from ..data._io import atomic_write_text
 from .metrics import EMPTY_POLICY, METRICS
 
 __all__ = ["summarize_cases", "write_summary", "format_site_table", "SUMMARY_JSON", "CASES_CSV", "CSV_COLUMNS"]
@@ -120,21 +120,6 @@ def summarize_cases(cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file in ``path``'s folder, fsync, then ``os.replace`` it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _csv_cell(v: Any) -> Any:
     if v is None:
         return ""
@@ -146,7 +131,7 @@ def _csv_cell(v: Any) -> Any:
 def write_summary(summary: Mapping[str, Any], out_dir: PathLike) -> tuple[Path, Path]:
     """
     Write ``summary.json`` and ``metric_per_case.csv`` (one row per case, columns :data:`CSV_COLUMNS`, undefined
-    values as empty cells) into ``out_dir``, each atomically (temp file in the same folder + ``os.replace``).
+    values as empty cells) into ``out_dir``, each atomically (:func:`monai_relkd.data._io.atomic_write_text`).
 
     Args:
         summary: as returned by :func:`evaluate_folder` or :func:`summarize_cases`; must hold ``"metric_per_case"``.
@@ -176,8 +161,8 @@ def write_summary(summary: Mapping[str, Any], out_dir: PathLike) -> tuple[Path, 
         row.update({m: _csv_cell(c["metrics"].get(m)) for m in METRICS})
         writer.writerow(row)
 
-    _atomic_write_text(json_path, text + "\n")
-    _atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(json_path, text + "\n")
+    atomic_write_text(csv_path, buf.getvalue())
     return json_path, csv_path
 
 

@@ -169,6 +169,25 @@ class _MSANPairLoss(_Loss):
         s = self.student_msan.encode(student_features)
         return s, _teacher_vector(self.teacher_msan, teacher_features).to(s.dtype)
 
+    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            student_features: (B, C_s, *S_s).
+            teacher_features: (B, C_t, *S_t); fixed (no gradient flows into them).
+
+        Returns:
+            the loss of each sample (:meth:`_per_sample`), reduced by ``reduction``.
+        """
+        teacher_features = teacher_features.detach()
+        s, t = self.vectors(student_features, teacher_features)
+        return reduce_per_sample(self._per_sample(s, t, student_features, teacher_features), self.reduction)
+
+    def _per_sample(self, s: torch.Tensor, t: torch.Tensor, student_features: torch.Tensor,
+                    teacher_features: torch.Tensor) -> torch.Tensor:
+        """(B,) loss of each sample from the vectors ``s`` (student's, with gradient) and ``t`` (teacher's, fixed),
+        each (B, vector_dim), and the features they came from."""
+        raise NotImplementedError
+
 
 class ContrastiveGraphDistillationLoss(_MSANPairLoss):
     """
@@ -220,15 +239,10 @@ class ContrastiveGraphDistillationLoss(_MSANPairLoss):
         self.w_intra = check_weight("w_intra", w_intra)
         self.w_inter = check_weight("w_inter", w_inter)
 
-    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            student_features: (B, C_s, *S_s).
-            teacher_features: (B, C_t, *S_t).
-        """
-        s, t = self.vectors(student_features, teacher_features)
+    def _per_sample(self, s: torch.Tensor, t: torch.Tensor, student_features: torch.Tensor,
+                    teacher_features: torch.Tensor) -> torch.Tensor:
         intra, inter = contrastive_graph_terms(s, t, self.temperature)
-        return reduce_per_sample(self.w_intra * intra + self.w_inter * inter, self.reduction)
+        return self.w_intra * intra + self.w_inter * inter
 
 
 class CrossDistillationLoss(_MSANPairLoss):
@@ -277,14 +291,8 @@ class CrossDistillationLoss(_MSANPairLoss):
         self.w_teacher_decoder = check_weight("w_teacher_decoder", w_teacher_decoder)
         self.w_student_decoder = check_weight("w_student_decoder", w_student_decoder)
 
-    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            student_features: (B, C_s, *S_s).
-            teacher_features: (B, C_t, *S_t).
-        """
-        teacher_features = teacher_features.detach()
-        s, t = self.vectors(student_features, teacher_features)
+    def _per_sample(self, s: torch.Tensor, t: torch.Tensor, student_features: torch.Tensor,
+                    teacher_features: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target_t = self.teacher_msan.target(teacher_features)
             target_s = self.student_msan.target(student_features.detach())
@@ -292,4 +300,4 @@ class CrossDistillationLoss(_MSANPairLoss):
         rec_s = self.student_msan.decode(t)
         err_t = (rec_t - target_t.to(rec_t.dtype)).pow(2).flatten(1).mean(dim=1)
         err_s = (rec_s - target_s.to(rec_s.dtype)).pow(2).flatten(1).mean(dim=1)
-        return reduce_per_sample(self.w_teacher_decoder * err_t + self.w_student_decoder * err_s, self.reduction)
+        return self.w_teacher_decoder * err_t + self.w_student_decoder * err_s

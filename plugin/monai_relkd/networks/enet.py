@@ -21,6 +21,20 @@ def _bn_prelu(channels: int) -> nn.Sequential:
     return nn.Sequential(nn.BatchNorm2d(channels), nn.PReLU(channels))
 
 
+def _branch(first: nn.Module, middle: nn.Module, internal: int, out_channels: int, dropout: float) -> nn.Sequential:
+    """The bottleneck branch of every ENet block: ``first`` (to ``internal`` channels), BN-PReLU, ``middle``,
+    BN-PReLU, 1x1 expansion to ``out_channels``, BN-PReLU, spatial dropout."""
+    return nn.Sequential(
+        first,
+        _bn_prelu(internal),
+        middle,
+        _bn_prelu(internal),
+        nn.Conv2d(internal, out_channels, 1, bias=False),
+        _bn_prelu(out_channels),
+        nn.Dropout2d(dropout),
+    )
+
+
 class InitialBlock(nn.Module):
     """3x3 stride-2 convolution concatenated with a 2x2 max-pool of the input: ``in -> out`` channels, 1/2."""
 
@@ -51,15 +65,7 @@ class ENetBottleneck(nn.Module):
             middle = nn.Conv2d(internal, internal, 3, padding=dilation, dilation=dilation, bias=False)
         else:
             raise ValueError(f"unknown bottleneck kind {kind!r}.")
-        self.branch = nn.Sequential(
-            nn.Conv2d(channels, internal, 1, bias=False),
-            _bn_prelu(internal),
-            middle,
-            _bn_prelu(internal),
-            nn.Conv2d(internal, channels, 1, bias=False),
-            _bn_prelu(channels),
-            nn.Dropout2d(dropout),
-        )
+        self.branch = _branch(nn.Conv2d(channels, internal, 1, bias=False), middle, internal, channels, dropout)
         self.act = nn.PReLU(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,15 +80,8 @@ class DownsamplingBottleneck(nn.Module):
         super().__init__()
         internal = in_channels // 4
         self.extra = out_channels - in_channels
-        self.branch = nn.Sequential(
-            nn.Conv2d(in_channels, internal, 2, stride=2, bias=False),
-            _bn_prelu(internal),
-            nn.Conv2d(internal, internal, 3, padding=1, bias=False),
-            _bn_prelu(internal),
-            nn.Conv2d(internal, out_channels, 1, bias=False),
-            _bn_prelu(out_channels),
-            nn.Dropout2d(dropout),
-        )
+        self.branch = _branch(nn.Conv2d(in_channels, internal, 2, stride=2, bias=False),
+                              nn.Conv2d(internal, internal, 3, padding=1, bias=False), internal, out_channels, dropout)
         self.act = nn.PReLU(out_channels)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -100,15 +99,9 @@ class UpsamplingBottleneck(nn.Module):
         super().__init__()
         internal = in_channels // 4
         self.main = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
-        self.branch = nn.Sequential(
-            nn.Conv2d(in_channels, internal, 1, bias=False),
-            _bn_prelu(internal),
-            nn.ConvTranspose2d(internal, internal, 2, stride=2, bias=False),
-            _bn_prelu(internal),
-            nn.Conv2d(internal, out_channels, 1, bias=False),
-            _bn_prelu(out_channels),
-            nn.Dropout2d(dropout),
-        )
+        self.branch = _branch(nn.Conv2d(in_channels, internal, 1, bias=False),
+                              nn.ConvTranspose2d(internal, internal, 2, stride=2, bias=False), internal, out_channels,
+                              dropout)
         self.act = nn.PReLU(out_channels)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

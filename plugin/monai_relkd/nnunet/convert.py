@@ -48,6 +48,46 @@ def _existing_dataset(out: Path, dataset_id: int) -> list[Path]:
     return sorted(out.glob(f"Dataset{dataset_id:03d}_*")) if out.is_dir() else []
 
 
+def _write_cases(staging: Path, train_items: list[dict], test_items: list[dict]) -> None:
+    """Write every case into ``staging``'s ``imagesTr/labelsTr`` (training) and ``imagesTs/labelsTs`` (test);
+    tries them all, then raises one :class:`DataError` naming each case that failed."""
+    folders = {k: staging / k for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
+    for f in folders.values():
+        f.mkdir()
+    errors = []
+    for items, img_dir, lab_dir in (
+        (train_items, folders["imagesTr"], folders["labelsTr"]),
+        (test_items, folders["imagesTs"], folders["labelsTs"]),
+    ):
+        for item in items:
+            try:
+                _write_case(item, img_dir, lab_dir)
+            except Exception as e:  # every case is tried; all failures are reported together
+                errors.append(f"  {item['site']}/{item['case']}: {item['image']}: {type(e).__name__}: {e}")
+    if errors:
+        raise DataError(f"{len(errors)} case(s) could not be converted (nothing written):\n" + "\n".join(errors))
+
+
+def _dataset_json(dataset_name: str, num_training: int, root: Path, datalist: dict, val_fraction: float,
+                  seed: int) -> dict[str, Any]:
+    """nnU-Net v2's ``dataset.json``, with the split's settings under ``"relkd"``."""
+    site = datalist["meta"]["test_site"]
+    return {
+        "channel_names": {"0": "T2"},
+        "labels": {"background": 0, "prostate": 1},
+        "numTraining": num_training,
+        "file_ending": ".nii.gz",
+        "name": dataset_name,
+        "description": f"six-site prostate MRI from {root}, {site} held out (imagesTs/labelsTs)",
+        "relkd": {
+            "test_site": site,
+            "training_sites": datalist["meta"]["training_sites"],
+            "val_fraction": float(val_fraction),
+            "seed": int(seed),
+        },
+    }
+
+
 def convert_to_nnunet(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -99,39 +139,10 @@ def convert_to_nnunet(
     out_path.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_path, prefix=f".{dataset_name}.", suffix=".partial"))
     try:
-        folders = {k: staging / k for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
-        for f in folders.values():
-            f.mkdir()
         train_items = datalist["training"] + datalist["validation"]
-        errors = []
-        for items, img_dir, lab_dir in (
-            (train_items, folders["imagesTr"], folders["labelsTr"]),
-            (datalist["test"], folders["imagesTs"], folders["labelsTs"]),
-        ):
-            for item in items:
-                try:
-                    _write_case(item, img_dir, lab_dir)
-                except Exception as e:  # every case is tried; all failures are reported together
-                    errors.append(f"  {item['site']}/{item['case']}: {item['image']}: {type(e).__name__}: {e}")
-        if errors:
-            raise DataError(f"{len(errors)} case(s) could not be converted (nothing written):\n" + "\n".join(errors))
-        atomic_write_json(
-            staging / "dataset.json",
-            {
-                "channel_names": {"0": "T2"},
-                "labels": {"background": 0, "prostate": 1},
-                "numTraining": len(train_items),
-                "file_ending": ".nii.gz",
-                "name": dataset_name,
-                "description": f"six-site prostate MRI from {root_path}, {site} held out (imagesTs/labelsTs)",
-                "relkd": {
-                    "test_site": site,
-                    "training_sites": datalist["meta"]["training_sites"],
-                    "val_fraction": float(val_fraction),
-                    "seed": int(seed),
-                },
-            },
-        )
+        _write_cases(staging, train_items, datalist["test"])
+        atomic_write_json(staging / "dataset.json",
+                          _dataset_json(dataset_name, len(train_items), root_path, datalist, val_fraction, seed))
         split = {
             "train": sorted(_case_id(i) for i in datalist["training"]),
             "val": sorted(_case_id(i) for i in datalist["validation"]),

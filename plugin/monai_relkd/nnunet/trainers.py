@@ -15,7 +15,6 @@ as a second parameter group and are saved in the checkpoint under ``"relkd"`` (i
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -29,7 +28,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 
-from monai_relkd.data._io import atomic_write_bytes, atomic_write_json
+from monai_relkd.data._io import atomic_torch_save, atomic_write_json
 from monai_relkd.engines.taps import FeatureTaps
 from monai_relkd.losses import RelationalDistillationLoss
 from monai_relkd.networks import ENet, ERFNet, ESPNet
@@ -286,9 +285,7 @@ class nnUNetTrainerRelKD(nnUNetTrainerStudent):
         try:
             checkpoint = torch.load(staging, map_location="cpu", weights_only=False)
             checkpoint["relkd"] = {"connectors": self.distillation.state_dict(), "settings": dict(self.kd_settings)}
-            buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            atomic_write_bytes(filename, buffer.getvalue())
+            atomic_torch_save(checkpoint, filename)
         finally:
             if os.path.exists(staging):
                 os.remove(staging)

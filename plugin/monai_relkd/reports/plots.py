@@ -1,6 +1,6 @@
 """PNG plots of a report (matplotlib, Agg canvas; no pyplot global state, so it is safe in threads and servers).
 
-Every function writes one PNG atomically (temporary file in the same folder, then ``os.replace``) and returns its
+Every function writes one PNG atomically (:func:`monai_relkd.data._io.atomic_write`) and returns its
 path. Colours are fixed per model through ``colors`` so that all plots of a report agree.
 """
 
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..data._io import atomic_write
 
 __all__ = [
     "model_colors",
@@ -57,20 +59,11 @@ def _figure(figsize: tuple[float, float]):
 
 
 def save_figure(fig: Any, path: os.PathLike | str, dpi: int = 110) -> Path:
-    """Save ``fig`` as PNG at ``path`` atomically (temp file + ``os.replace``)."""
+    """Save ``fig`` as PNG at ``path`` atomically (:func:`monai_relkd.data._io.atomic_write`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def plot_dice_per_site(

@@ -14,7 +14,7 @@ What it holds (files in ``out_dir``):
   with the most prostate of up to ``overlay_cases`` cases);
 - ``report.json``: the numbers of the tables.
 
-Every file is written atomically (temporary file, then ``os.replace``).
+Every file is written atomically (:mod:`monai_relkd.data._io`).
 
 Example::
 
@@ -30,19 +30,14 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
-from .plots import (
-    model_colors,
-    plot_dice_per_site,
-    plot_dice_vs_params,
-    plot_overlays,
-    plot_training_curves,
-    read_scalars,
-)
+from ..data._io import atomic_write_text
+from . import plots
 from .runs import RunInfo, group_by_site, load_run, matching_baseline, model_names, site_stat
 
 __all__ = ["write_report", "report_command", "efficiency_rows", "REPORT_MD"]
@@ -51,12 +46,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 REPORT_MD = "report.md"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _cell(stat: Mapping[str, Any] | None) -> str:
@@ -242,6 +231,242 @@ def _overlay_panels(run: RunInfo, max_cases: int) -> list[dict[str, Any]]:
     return panels
 
 
+@dataclass
+class _Report:
+    """What every section of the report reads (the runs, grouped by held-out site) and writes (Markdown lines,
+    the ``report.json`` record, PNGs in ``out``)."""
+
+    runs: list[RunInfo]
+    out: Path
+    size: int
+    groups: dict[str, list[RunInfo]] = field(init=False)
+    names: list[str] = field(init=False)
+    roles: dict[str, str] = field(init=False)
+    colors: dict[str, str] = field(init=False)
+    md: list[str] = field(default_factory=lambda: ["# monai-relkd report", ""])
+    data: dict[str, Any] = field(default_factory=lambda: {
+        "runs": [], "held_out": {}, "per_site": {}, "deltas": [], "efficiency": [], "plots": []})
+
+    def __post_init__(self) -> None:
+        self.groups = group_by_site(self.runs)
+        self.names = model_names(self.runs)
+        self.roles = {m.name: m.role for r in self.runs for m in r.models}
+        self.colors = plots.model_colors(self.names)
+
+    def evaluated(self) -> list[str]:
+        """Models with a summary in at least one run."""
+        return [n for n in self.names if any(_summaries(g, n) for g in self.groups.values())]
+
+
+def _load_runs(run_dirs: Sequence[PathLike] | PathLike, overlay_cases: int) -> list[RunInfo]:
+    """Check the arguments of :func:`write_report` and load its run folders."""
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]
+    if not run_dirs:
+        raise ValueError("give at least one run folder.")
+    if isinstance(overlay_cases, bool) or not isinstance(overlay_cases, int) or overlay_cases < 0:
+        raise ValueError(f"overlay_cases must be an int >= 0, got {overlay_cases!r}.")
+    runs = [load_run(d) for d in run_dirs]
+    if not any(m.summary for r in runs for m in r.models):
+        raise ValueError(
+            f"no model of {[str(r.path) for r in runs]} has a summary.json: evaluate the models first "
+            "(the bundles' evaluate.json)."
+        )
+    return runs
+
+
+def _runs_section(rep: _Report) -> None:
+    """The run folders: held-out site, seed, image size and models of each; the models not evaluated."""
+    runs, md = rep.runs, rep.md
+    missing = [f"{r.label}: {m.name}" for r in runs for m in r.models if not m.summary]
+    md += [f"{len(runs)} run folder(s); held-out sites: {', '.join(rep.groups)}; seeds: "
+           f"{', '.join(sorted({str(r.seed) for r in runs}))}. Dice is the mean ± std over cases (pooled over the "
+           "runs of a held-out site); training sites are scored on their validation cases.", "",
+           "| run | held-out site | seed | image size | models |", "|---|---|---|---:|---|"]
+    for r in runs:
+        md.append(f"| `{r.path}` | {r.held_out_site} | {r.seed} | {r.image_size} | "
+                  f"{', '.join(f'{m.name} ({m.role})' for m in r.models)} |")
+        rep.data["runs"].append({"path": str(r.path), "held_out_site": r.held_out_site, "seed": r.seed,
+                                 "image_size": r.image_size, "models": [m.name for m in r.models]})
+    if missing:
+        md += ["", f"Not evaluated (no summary.json): {', '.join(missing)}."]
+
+
+def _held_out_section(rep: _Report) -> dict[str, float | None]:
+    """Held-out Dice of every model per held-out site; returns each model's mean over held-out sites."""
+    groups = rep.groups
+    rep.md += ["", "## Generalization: Dice on the held-out site", "",
+               "| model | role | " + " | ".join(groups) + " | mean over held-out sites |",
+               "|---|---|" + "---:|" * (len(groups) + 1)]
+    held_means: dict[str, float | None] = {}
+    for name in rep.names:
+        stats = {h: site_stat(_summaries(g, name), h) for h, g in groups.items()}
+        rep.data["held_out"][name] = stats
+        means = [s["mean"] for s in stats.values() if s]
+        held_means[name] = float(np.mean(means)) if means else None
+        mean_cell = f"{held_means[name]:.3f}" if means else "–"
+        rep.md.append(f"| {name} | {rep.roles[name]} | " + " | ".join(_cell(stats[h]) for h in groups)
+                      + f" | {mean_cell} |")
+    return held_means
+
+
+def _distillation_deltas(rep: _Report, held: str, g: Sequence[RunInfo]) -> list[str]:
+    """Sentences comparing each student of held-out site ``held`` with its baseline (recorded in ``deltas``)."""
+    parts = []
+    models = {m.name: m for r in g for m in r.models}
+    for name in rep.names:
+        m = models.get(name)
+        if m is None or m.role != "student":
+            continue
+        base = matching_baseline(m, list(models.values()))
+        if base is None:
+            continue
+        s, b = site_stat(_summaries(g, name), held), site_stat(_summaries(g, base.name), held)
+        if not s or not b:
+            continue
+        text = (f"{name} vs {base.name}: {_signed(s['mean'] - b['mean'])} Dice on {held} "
+                f"({s['mean']:.3f} vs {b['mean']:.3f})")
+        ts, tb = _training_mean(g, name, held), _training_mean(g, base.name, held)
+        if ts is not None and tb is not None:
+            text += f", {_signed(ts - tb)} on the training sites ({ts:.3f} vs {tb:.3f})"
+        parts.append(text)
+        rep.data["deltas"].append({"held_out_site": held, "student": name, "baseline": base.name,
+                                   "delta_held_out": s["mean"] - b["mean"],
+                                   "delta_training": None if ts is None or tb is None else ts - tb})
+    return parts
+
+
+def _distillation_section(rep: _Report) -> None:
+    """What distillation changed, per held-out site: student minus baseline, and the teachers' Dice."""
+    rep.md += ["", "### What distillation changed", ""]
+    for held, g in rep.groups.items():
+        parts = _distillation_deltas(rep, held, g)
+        teachers = [n for n in rep.names if rep.roles[n] == "teacher" and site_stat(_summaries(g, n), held)]
+        for t in teachers:
+            parts.append(f"{t}: {site_stat(_summaries(g, t), held)['mean']:.3f} on {held}")
+        n_runs = len(g)
+        rep.md.append(f"- **{held} held out** ({n_runs} run{'s' if n_runs > 1 else ''}): "
+                      + ("; ".join(parts) if parts else "no student/baseline pair evaluated") + ".")
+
+
+def _per_site_section(rep: _Report) -> None:
+    """One table per held-out site of every model's Dice on every site, and the ``dice_per_site.png`` plot."""
+    plot_groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for held, g in rep.groups.items():
+        sites = _sites(g, held)
+        header = [f"**{s} (held out)**" if s == held else s for s in sites]
+        rep.md += ["", f"## Per-site Dice, held-out site {held}", "",
+                   "| model | role | " + " | ".join(header) + " | mean of training sites |",
+                   "|---|---|" + "---:|" * (len(sites) + 1)]
+        plot_groups[held] = {s: {} for s in sites}
+        rep.data["per_site"][held] = {}
+        for name in rep.names:
+            sums = _summaries(g, name)
+            if not sums:
+                continue
+            stats = {s: site_stat(sums, s) for s in sites}
+            for s in sites:
+                plot_groups[held][s][name] = stats[s]
+            rep.data["per_site"][held][name] = stats
+            tm = _training_mean(g, name, held)
+            tm_cell = f"{tm:.3f}" if tm is not None else "–"
+            rep.md.append(f"| {name} | {rep.roles[name]} | " + " | ".join(_cell(stats[s]) for s in sites)
+                          + f" | {tm_cell} |")
+    p = plots.plot_dice_per_site(plot_groups, rep.evaluated(), rep.out / "dice_per_site.png", rep.colors)
+    rep.md += ["", f"![Dice per site and model]({p.name})"]
+    rep.data["plots"].append(p.name)
+
+
+def _efficiency_section(rep: _Report, held_means: Mapping[str, float | None], latency: bool, repeats: int,
+                        threads: int | None) -> None:
+    """Parameters, GFLOPs and (optionally) CPU latency of each bundle, and the ``dice_vs_params.png`` plot."""
+    size, md = rep.size, rep.md
+    rows = efficiency_rows(rep.runs, size, latency=latency, repeats=repeats, threads=threads)
+    rep.data["efficiency"] = rows
+    lat_head = "CPU latency (ms, median)" if latency else "CPU latency"
+    md += ["", "## Efficiency", "",
+           f"Parameters and GFLOPs (= 2 × MACs; convolutions and matrix products, torch FlopCounterMode) of each "
+           f"bundle's `network_def` for one 1×1×{size}×{size} input."
+           + (f" Latency: median of {repeats} eval-mode forwards of that input on CPU." if latency else
+              " Latency not measured (pass `latency=True` / `--latency`)."), "",
+           f"| model(s) | network | params (M) | GFLOPs | {lat_head} |", "|---|---|---:|---:|---:|"]
+    params_of: dict[str, int] = {}
+    for row in rows:
+        for n in row["models"]:
+            if row["params"]:
+                params_of[n] = row["params"]
+        if row["error"]:
+            md.append(f"| {', '.join(row['models'])} | n/a | n/a | n/a | n/a |")
+            continue
+        lat = f"{row['latency_ms']:.1f} ({row['threads']} threads)" if row["latency_ms"] is not None else "–"
+        md.append(f"| {', '.join(row['models'])} | {row['network']} | {row['params'] / 1e6:.3f} "
+                  f"| {row['gflops']:.3f} | {lat} |")
+    errors = [f"`{r['bundle'] or '?'}`: {r['error']}" for r in rows if r["error"]]
+    if errors:
+        md += ["", "Not profiled: " + "; ".join(errors)]
+    points = [{"name": n, "params": params_of.get(n), "held_out": held_means.get(n),
+               "training": (float(np.mean(tms)) if (tms := [t for h, g in rep.groups.items()
+                                                            for t in [_training_mean(g, n, h)] if t is not None])
+                            else None)}
+              for n in rep.evaluated()]
+    p = plots.plot_dice_vs_params(points, rep.out / "dice_vs_params.png", rep.colors)
+    md += ["", f"![Dice against parameters]({p.name})"]
+    rep.data["plots"].append(p.name)
+
+
+def _fsd_section(rep: _Report) -> None:
+    """The Fréchet semantic distances the run manifests carry (nothing when none does)."""
+    fsd_rows = [(r, m) for r in rep.runs for m in r.models if m.fsd and m.fsd.get("fsd") is not None]
+    if not fsd_rows:
+        return
+    rep.md += ["", "## Fréchet semantic distance (training sites vs held-out site; lower: more domain-invariant)",
+               "", "FSD values of different networks or taps are not comparable (their feature scales differ); "
+               "compare a network with itself (e.g. a student with and without distillation) at the same tap.", "",
+               "| run | model | tap | FSD | slices (train / held out) |", "|---|---|---|---:|---|"]
+    for r, m in fsd_rows:
+        rep.md.append(f"| {r.label} | {m.name} | `{m.fsd.get('tap')}` | {m.fsd['fsd']:.4f} | "
+                      f"{m.fsd.get('n_train')} / {m.fsd.get('n_test')} |")
+
+
+def _curves_and_overlays_section(rep: _Report, overlay_cases: int) -> None:
+    """Per run: the training curves (TensorBoard scalars) and contours on held-out slices, one PNG each."""
+    rep.md += ["", "## Training curves", ""]
+    used: set[str] = set()
+
+    def unique(stem: str) -> str:
+        name, i = stem, 1
+        while name in used:
+            i += 1
+            name = f"{stem}_{i}"
+        used.add(name)
+        return name
+
+    overlay_md: list[str] = []
+    for r in rep.runs:
+        stem = unique(_slug(r.label))
+        title = f"held-out {r.held_out_site}, seed {r.seed}"
+        curves = {m.name: plots.read_scalars(m.log_dir) for m in r.models}
+        p = plots.plot_training_curves({k: v for k, v in curves.items() if v}, rep.out / f"curves_{stem}.png",
+                                 title=title, colors=rep.colors)
+        if p is None:
+            rep.md.append(f"- {r.label}: no TensorBoard scalars found in the models' log_dir.")
+        else:
+            rep.md += [f"### {r.held_out_site}, seed {r.seed}", "", f"![Training curves {r.label}]({p.name})", ""]
+            rep.data["plots"].append(p.name)
+        panels = _overlay_panels(r, overlay_cases)
+        p = (plots.plot_overlays(panels, rep.out / f"overlay_{stem}.png", colors=rep.colors, title=title)
+             if panels else None)
+        if p is None:
+            overlay_md.append(f"- {r.label}: no held-out case with image, label and predictions found.")
+        else:
+            overlay_md += [f"### {r.held_out_site}, seed {r.seed}", "",
+                           "Slice with the most prostate of each case; ground truth dashed.", "",
+                           f"![Contours {r.label}]({p.name})", ""]
+            rep.data["plots"].append(p.name)
+    if overlay_cases:
+        rep.md += ["", "## Contours on held-out-site slices", ""] + overlay_md
+
+
 def write_report(
     run_dirs: Sequence[PathLike],
     out_dir: PathLike,
@@ -270,197 +495,24 @@ def write_report(
         ValueError: no run folder, or no model of any run has a ``summary.json``.
         FileNotFoundError: a folder without ``run.json``.
     """
-    if isinstance(run_dirs, (str, os.PathLike)):
-        run_dirs = [run_dirs]
-    if not run_dirs:
-        raise ValueError("give at least one run folder.")
-    if isinstance(overlay_cases, bool) or not isinstance(overlay_cases, int) or overlay_cases < 0:
-        raise ValueError(f"overlay_cases must be an int >= 0, got {overlay_cases!r}.")
-    runs = [load_run(d) for d in run_dirs]
-    if not any(m.summary for r in runs for m in r.models):
-        raise ValueError(
-            f"no model of {[str(r.path) for r in runs]} has a summary.json: evaluate the models first "
-            "(the bundles' evaluate.json)."
-        )
+    runs = _load_runs(run_dirs, overlay_cases)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    groups = group_by_site(runs)
-    names = model_names(runs)
-    roles = {m.name: m.role for r in runs for m in r.models}
-    colors = model_colors(names)
     sizes = sorted({r.image_size for r in runs if r.image_size})
-    size = int(image_size or (sizes[0] if sizes else 128))
-    md: list[str] = ["# monai-relkd report", ""]
-    data: dict[str, Any] = {"runs": [], "held_out": {}, "per_site": {}, "deltas": [], "efficiency": [], "plots": []}
-    missing = [f"{r.label}: {m.name}" for r in runs for m in r.models if not m.summary]
-
-    md += [f"{len(runs)} run folder(s); held-out sites: {', '.join(groups)}; seeds: "
-           f"{', '.join(sorted({str(r.seed) for r in runs}))}. Dice is the mean ± std over cases (pooled over the "
-           "runs of a held-out site); training sites are scored on their validation cases.", "",
-           "| run | held-out site | seed | image size | models |", "|---|---|---|---:|---|"]
-    for r in runs:
-        md.append(f"| `{r.path}` | {r.held_out_site} | {r.seed} | {r.image_size} | "
-                  f"{', '.join(f'{m.name} ({m.role})' for m in r.models)} |")
-        data["runs"].append({"path": str(r.path), "held_out_site": r.held_out_site, "seed": r.seed,
-                             "image_size": r.image_size, "models": [m.name for m in r.models]})
-    if missing:
-        md += ["", f"Not evaluated (no summary.json): {', '.join(missing)}."]
-
-    # ---- held-out Dice of every model, and what distillation changed
-    md += ["", "## Generalization: Dice on the held-out site", "",
-           "| model | role | " + " | ".join(groups) + " | mean over held-out sites |",
-           "|---|---|" + "---:|" * (len(groups) + 1)]
-    held_means: dict[str, float | None] = {}
-    for name in names:
-        stats = {h: site_stat(_summaries(g, name), h) for h, g in groups.items()}
-        data["held_out"][name] = stats
-        means = [s["mean"] for s in stats.values() if s]
-        held_means[name] = float(np.mean(means)) if means else None
-        mean_cell = f"{held_means[name]:.3f}" if means else "–"
-        md.append(f"| {name} | {roles[name]} | " + " | ".join(_cell(stats[h]) for h in groups) + f" | {mean_cell} |")
-    md += ["", "### What distillation changed", ""]
-    for held, g in groups.items():
-        parts = []
-        models = {m.name: m for r in g for m in r.models}
-        for name in names:
-            m = models.get(name)
-            if m is None or m.role != "student":
-                continue
-            base = matching_baseline(m, list(models.values()))
-            if base is None:
-                continue
-            s, b = site_stat(_summaries(g, name), held), site_stat(_summaries(g, base.name), held)
-            if not s or not b:
-                continue
-            text = (f"{name} vs {base.name}: {_signed(s['mean'] - b['mean'])} Dice on {held} "
-                    f"({s['mean']:.3f} vs {b['mean']:.3f})")
-            ts, tb = _training_mean(g, name, held), _training_mean(g, base.name, held)
-            if ts is not None and tb is not None:
-                text += f", {_signed(ts - tb)} on the training sites ({ts:.3f} vs {tb:.3f})"
-            parts.append(text)
-            data["deltas"].append({"held_out_site": held, "student": name, "baseline": base.name,
-                                   "delta_held_out": s["mean"] - b["mean"],
-                                   "delta_training": None if ts is None or tb is None else ts - tb})
-        teachers = [n for n in names if roles[n] == "teacher" and site_stat(_summaries(g, n), held)]
-        for t in teachers:
-            parts.append(f"{t}: {site_stat(_summaries(g, t), held)['mean']:.3f} on {held}")
-        n_runs = len(g)
-        md.append(f"- **{held} held out** ({n_runs} run{'s' if n_runs > 1 else ''}): "
-                  + ("; ".join(parts) if parts else "no student/baseline pair evaluated") + ".")
-
-    # ---- spread across seeds (only where a held-out site has runs with several seeds)
-    spread_md, data["seed_spread"] = seed_spread(groups, names, roles)
-    md += spread_md
-
-    # ---- per-site tables
-    plot_groups: dict[str, dict[str, dict[str, Any]]] = {}
-    for held, g in groups.items():
-        sites = _sites(g, held)
-        header = [f"**{s} (held out)**" if s == held else s for s in sites]
-        md += ["", f"## Per-site Dice, held-out site {held}", "",
-               "| model | role | " + " | ".join(header) + " | mean of training sites |",
-               "|---|---|" + "---:|" * (len(sites) + 1)]
-        plot_groups[held] = {s: {} for s in sites}
-        data["per_site"][held] = {}
-        for name in names:
-            sums = _summaries(g, name)
-            if not sums:
-                continue
-            stats = {s: site_stat(sums, s) for s in sites}
-            for s in sites:
-                plot_groups[held][s][name] = stats[s]
-            data["per_site"][held][name] = stats
-            tm = _training_mean(g, name, held)
-            tm_cell = f"{tm:.3f}" if tm is not None else "–"
-            md.append(f"| {name} | {roles[name]} | " + " | ".join(_cell(stats[s]) for s in sites) + f" | {tm_cell} |")
-    evaluated = [n for n in names if any(_summaries(g, n) for g in groups.values())]
-    p = plot_dice_per_site(plot_groups, evaluated, out / "dice_per_site.png", colors)
-    md += ["", f"![Dice per site and model]({p.name})"]
-    data["plots"].append(p.name)
-
-    # ---- efficiency
-    rows = efficiency_rows(runs, size, latency=latency, repeats=latency_repeats, threads=threads)
-    data["efficiency"] = rows
-    lat_head = "CPU latency (ms, median)" if latency else "CPU latency"
-    md += ["", "## Efficiency", "",
-           f"Parameters and GFLOPs (= 2 × MACs; convolutions and matrix products, torch FlopCounterMode) of each "
-           f"bundle's `network_def` for one 1×1×{size}×{size} input."
-           + (f" Latency: median of {latency_repeats} eval-mode forwards of that input on CPU." if latency else
-              " Latency not measured (pass `latency=True` / `--latency`)."), "",
-           f"| model(s) | network | params (M) | GFLOPs | {lat_head} |", "|---|---|---:|---:|---:|"]
-    params_of: dict[str, int] = {}
-    for row in rows:
-        for n in row["models"]:
-            if row["params"]:
-                params_of[n] = row["params"]
-        if row["error"]:
-            md.append(f"| {', '.join(row['models'])} | n/a | n/a | n/a | n/a |")
-            continue
-        lat = f"{row['latency_ms']:.1f} ({row['threads']} threads)" if row["latency_ms"] is not None else "–"
-        md.append(f"| {', '.join(row['models'])} | {row['network']} | {row['params'] / 1e6:.3f} "
-                  f"| {row['gflops']:.3f} | {lat} |")
-    errors = [f"`{r['bundle'] or '?'}`: {r['error']}" for r in rows if r["error"]]
-    if errors:
-        md += ["", "Not profiled: " + "; ".join(errors)]
-    points = [{"name": n, "params": params_of.get(n), "held_out": held_means.get(n),
-               "training": (float(np.mean(tms)) if (tms := [t for h, g in groups.items()
-                                                            for t in [_training_mean(g, n, h)] if t is not None])
-                            else None)}
-              for n in evaluated]
-    p = plot_dice_vs_params(points, out / "dice_vs_params.png", colors)
-    md += ["", f"![Dice against parameters]({p.name})"]
-    data["plots"].append(p.name)
-
-    # ---- FSD, when the manifests carry it
-    fsd_rows = [(r, m) for r in runs for m in r.models if m.fsd and m.fsd.get("fsd") is not None]
-    if fsd_rows:
-        md += ["", "## Fréchet semantic distance (training sites vs held-out site; lower: more domain-invariant)",
-               "", "FSD values of different networks or taps are not comparable (their feature scales differ); compare a "
-               "network with itself (e.g. a student with and without distillation) at the same tap.", "",
-               "| run | model | tap | FSD | slices (train / held out) |", "|---|---|---|---:|---|"]
-        for r, m in fsd_rows:
-            md.append(f"| {r.label} | {m.name} | `{m.fsd.get('tap')}` | {m.fsd['fsd']:.4f} | "
-                      f"{m.fsd.get('n_train')} / {m.fsd.get('n_test')} |")
-
-    # ---- training curves and overlays, per run
-    md += ["", "## Training curves", ""]
-    used: set[str] = set()
-
-    def unique(stem: str) -> str:
-        name, i = stem, 1
-        while name in used:
-            i += 1
-            name = f"{stem}_{i}"
-        used.add(name)
-        return name
-
-    overlay_md: list[str] = []
-    for r in runs:
-        stem = unique(_slug(r.label))
-        curves = {m.name: read_scalars(m.log_dir) for m in r.models}
-        p = plot_training_curves({k: v for k, v in curves.items() if v}, out / f"curves_{stem}.png",
-                                 title=f"held-out {r.held_out_site}, seed {r.seed}", colors=colors)
-        if p is None:
-            md.append(f"- {r.label}: no TensorBoard scalars found in the models' log_dir.")
-        else:
-            md += [f"### {r.held_out_site}, seed {r.seed}", "", f"![Training curves {r.label}]({p.name})", ""]
-            data["plots"].append(p.name)
-        panels = _overlay_panels(r, overlay_cases)
-        p = plot_overlays(panels, out / f"overlay_{stem}.png", colors=colors,
-                          title=f"held-out {r.held_out_site}, seed {r.seed}") if panels else None
-        if p is None:
-            overlay_md.append(f"- {r.label}: no held-out case with image, label and predictions found.")
-        else:
-            overlay_md += [f"### {r.held_out_site}, seed {r.seed}", "",
-                           "Slice with the most prostate of each case; ground truth dashed.", "",
-                           f"![Contours {r.label}]({p.name})", ""]
-            data["plots"].append(p.name)
-    if overlay_cases:
-        md += ["", "## Contours on held-out-site slices", ""] + overlay_md
+    rep = _Report(runs, out, int(image_size or (sizes[0] if sizes else 128)))
+    _runs_section(rep)
+    held_means = _held_out_section(rep)
+    _distillation_section(rep)
+    spread_md, rep.data["seed_spread"] = seed_spread(rep.groups, rep.names, rep.roles)
+    rep.md += spread_md
+    _per_site_section(rep)
+    _efficiency_section(rep, held_means, latency, latency_repeats, threads)
+    _fsd_section(rep)
+    _curves_and_overlays_section(rep, overlay_cases)
 
     report = out / REPORT_MD
-    _write_text(out / "report.json", json.dumps(data, indent=2, default=str) + "\n")
-    _write_text(report, "\n".join(md).rstrip() + "\n")
+    atomic_write_text(out / "report.json", json.dumps(rep.data, indent=2, default=str) + "\n")
+    atomic_write_text(report, "\n".join(rep.md).rstrip() + "\n")
     return report
 
 
