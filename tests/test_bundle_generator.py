@@ -1,5 +1,5 @@
-"""``relkd new-student`` and the templates: the shipped students are exactly what the generator writes, the default
-taps, and the errors a user sees."""
+"""``relkd new-student`` and the templates: the shipped students and the teacher's configs are exactly what the
+generator writes, the default taps, and the errors a user sees."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from monai_relkd.bundle_generator import new_student, parse_taps, probe_taps, render_json
+from monai_relkd.bundle_generator import TemplateError, new_student, parse_taps, probe_taps, render_json
 from monai_relkd.bundle_generator.probe import default_taps
 from monai_relkd.metadata import validate_bundle_metadata
 
@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 TEACHER = BUNDLES / "prostate_mri_teacher"
 NOT_GENERATED = {"models", "eval", "runs"}  # weights and outputs, never in git
+TEACHER_HAND_WRITTEN = {"docs/README.md"}  # the teacher's model card shares nothing with the students'
 
 
 def _make_script():
@@ -44,6 +45,25 @@ def test_shipped_student_bundles_are_byte_for_byte_what_the_generator_writes(tmp
             assert (shipped / rel).read_bytes() == (generated / rel).read_bytes(), (
                 f"bundles/{name}/{rel} differs from the template: edit plugin/monai_relkd/bundle_templates and run "
                 "`python tools/make_student_bundles.py`")
+    teacher = tmp_path / script.TEACHER
+    assert _bundle_files(TEACHER) - _bundle_files(teacher) == TEACHER_HAND_WRITTEN
+    assert {"configs/train.json", "configs/inference.json", "configs/metadata.json"} <= _bundle_files(teacher)
+    for rel in sorted(_bundle_files(teacher)):
+        assert (TEACHER / rel).read_bytes() == (teacher / rel).read_bytes(), (
+            f"bundles/{script.TEACHER}/{rel} differs from the template: edit plugin/monai_relkd/bundle_templates "
+            "(common/ or teacher/_values.json) and run `python tools/make_student_bundles.py`")
+
+
+def test_teacher_and_students_share_their_common_configs_from_one_template():
+    from monai_relkd.bundle_generator import teacher_files
+
+    teacher = json.loads(teacher_files("t")["configs/train.json"])
+    student = json.loads((BUNDLES / "prostate_mri_student_enet" / "configs" / "train.json").read_text())
+    assert list(teacher) == [k for k in student if k in teacher]  # one key order
+    shared = [k for k in teacher if teacher[k] == student[k]]
+    assert {"datalist", "validate", "lr_scheduler", "training", "run"} <= set(shared) and len(shared) >= 30
+    assert teacher["train"]["trainer"]["_target_"] == "SupervisedTrainer"
+    assert "distillation" not in teacher and "teacher" not in teacher["train"]["trainer"]
 
 
 def test_students_keep_the_tuned_distillation_defaults():
@@ -96,6 +116,14 @@ def test_json_templates_splice_lists_and_substitute_inside_strings():
         "x": {"k": [1]}, "refs": ["a", "b"], "s": "net UNet!"}
     with pytest.raises(KeyError, match="missing"):
         render_json(json.dumps({"x": "{{missing}}"}), {})
+    spliced = {"a": 1, "{{more}}": None, "z": ["{{none}}"]}
+    assert list(json.loads(render_json(json.dumps(spliced), {"more": {"b": 2, "c": 3}, "none": []}))) == ["a", "b",
+                                                                                                      "c", "z"]
+    assert json.loads(render_json(json.dumps(spliced), {"more": {}, "none": []})) == {"a": 1, "z": []}
+    with pytest.raises(TemplateError, match="repeats keys"):
+        render_json(json.dumps(spliced), {"more": {"a": 2}, "none": []})
+    with pytest.raises(TemplateError, match="must be null"):
+        render_json(json.dumps({"{{more}}": 1}), {"more": {"b": 2}})
 
 
 UNET = "monai.networks.nets.UNet"

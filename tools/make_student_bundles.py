@@ -1,4 +1,8 @@
-"""Regenerate the shipped student bundles from the templates in ``plugin/monai_relkd/bundle_templates``.
+"""Regenerate the shipped bundles (the teacher's configs and the three students) from the templates in
+``plugin/monai_relkd/bundle_templates``.
+
+The teacher's generated files come from ``bundle_templates/common`` and ``bundle_templates/teacher``
+(``monai_relkd.bundle_generator.write_teacher``); its model card ``docs/README.md`` is written by hand.
 
 Each entry of :data:`STUDENTS` is one ``relkd new-student`` call; for ENet it is::
 
@@ -8,7 +12,7 @@ Each entry of :data:`STUDENTS` is one ``relkd new-student`` call; for ENet it is
 
 Run ``python tools/make_student_bundles.py`` after changing a template and commit the bundles with it;
 ``tests/test_bundle_generator.py`` fails while a shipped bundle differs from what this script writes. Only the
-generated files are written (``models/``, ``eval/`` and ``runs/`` are never touched).
+generated files are written (``models/``, ``eval/``, ``runs/`` and the teacher's ``docs/`` are never touched).
 """
 
 from __future__ import annotations
@@ -72,18 +76,20 @@ STUDENTS: dict[str, dict] = {
 
 
 def make_student_bundles(out: str | None = None, teacher_bundle: str | None = None, quiet: bool = False) -> None:
-    """Write every bundle of :data:`STUDENTS` into ``out`` (default: the repository's ``bundles/``).
+    """Write the teacher's generated files and every bundle of :data:`STUDENTS` into ``out`` (default: the
+    repository's ``bundles/``).
 
     Args:
-        out: folder receiving one folder per student.
-        teacher_bundle: the teacher bundle (default: ``bundles/prostate_mri_teacher`` of the repository).
+        out: folder receiving one folder per bundle.
+        teacher_bundle: the teacher bundle the students read (default: the teacher just written to ``out``).
         quiet: do not print the candidate taps.
     """
     sys.path.insert(0, str(REPO / "plugin"))
-    from monai_relkd.bundle_generator import new_student
+    from monai_relkd.bundle_generator import new_student, write_teacher
 
     root = Path(out) if out else REPO / "bundles"
-    teacher = Path(teacher_bundle) if teacher_bundle else REPO / "bundles" / TEACHER
+    write_teacher(root / TEACHER, name=TEACHER, overwrite=True)
+    teacher = Path(teacher_bundle) if teacher_bundle else root / TEACHER
     for name, spec in STUDENTS.items():
         result = new_student(teacher_bundle=teacher, out=root / name, name=name, overwrite=True, **spec)
         if not quiet:
