@@ -8,7 +8,7 @@ Each sub-command is a plain function that lives beside the code it drives; this 
     relkd evaluate --pred DIR --datalist datalist.json [--split test]
     relkd fsd --bundle B --datalist datalist.json --tap NAME
     relkd report RUN_DIR [RUN_DIR ...] [--out DIR]
-    relkd package --bundle B --out DIR [--include_weights False --base_url URL]
+    relkd package --bundle B --out DIR [--include_weights False --base_url URL --model_info F]
     relkd demo [--out relkd_demo]
     relkd nnunet-path                                   # value for nnUNet_extTrainer
     relkd to-nnunet --root R --dataset-id 501 --test-site HK [--out $nnUNet_raw]
