@@ -9,6 +9,7 @@ Each sub-command is a plain function that lives beside the code it drives; this 
     relkd fsd --bundle B --datalist datalist.json --tap NAME
     relkd report RUN_DIR [RUN_DIR ...] [--out DIR]
     relkd package --bundle B --out DIR [--include_weights False --base_url URL --model_info F]
+    relkd export --bundle B --format torchscript|onnx [--out F --opset 18 --image NIFTI]
     relkd demo [--out relkd_demo]
     relkd nnunet-path                                   # value for nnUNet_extTrainer
     relkd to-nnunet --root R --dataset-id 501 --test-site HK [--out $nnUNet_raw]
@@ -37,6 +38,7 @@ def commands() -> dict:
     from monai_relkd.data.synthetic import synth_command
     from monai_relkd.demo import demo_command
     from monai_relkd.evaluation import evaluate_command, fsd_command
+    from monai_relkd.export import export_command
     from monai_relkd.nnunet import nnunet_path_command
     from monai_relkd.nnunet.convert import to_nnunet_command
     from monai_relkd.profiling import profile_command
@@ -51,6 +53,7 @@ def commands() -> dict:
         "fsd": fsd_command,
         "report": report_command,
         "package": package_command,
+        "export": export_command,
         "demo": demo_command,
         "nnunet-path": nnunet_path_command,
         "to-nnunet": to_nnunet_command,
