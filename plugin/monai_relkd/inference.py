@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULT_MAX_IMAGE_GIB",
     "OnnxRuntimeNetwork",
     "check_onnx_model",
+    "ChannelArgmaxd",
 ]
 
 logger = logging.getLogger(__name__)
@@ -272,6 +273,35 @@ class FiniteIntensityd(MapTransform):
             img = torch.where(finite, img, fill) if isinstance(img, torch.Tensor) else np.where(finite, img, fill)
             logger.warning("inference: %s: replaced %d NaN/Inf voxel(s) by the smallest finite intensity.", name, bad)
             d[key] = img
+        return d
+
+
+class ChannelArgmaxd(MapTransform):
+    """``AsDiscreted(argmax=True)`` - the index of the largest channel, ``(C, *spatial) -> (1, *spatial)``, same dtype
+    and metadata - computed as ``C - 1`` elementwise comparisons instead of ``torch.argmax(dim=0)``.
+
+    torch 2.13's CPU argmax over a short leading dimension is slow: 0.66 s for the ``(2, 384, 384, 24)``
+    probabilities of one prostate volume, against about 5 ms for one comparison (1 thread, measured). Ties go to
+    the lowest index, as with ``torch.argmax``.
+
+    Example::
+
+        >>> ChannelArgmaxd("pred")({"pred": torch.tensor([[[0.2, 0.7]], [[0.8, 0.3]]])})["pred"]
+        tensor([[[1., 0.]]])
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.utils import convert_to_dst_type
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            values = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
+            best, index = values[:1], torch.zeros_like(values[:1])
+            for c in range(1, values.shape[0]):
+                index = torch.where(values[c : c + 1] > best, float(c), index)
+                best = torch.maximum(best, values[c : c + 1])
+            d[key] = convert_to_dst_type(index, img)[0]
         return d
 
 
