@@ -152,6 +152,7 @@ def export_bundle(
     image_size: int | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     batch: int = 16,
+    ckpt_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Export a bundle's network and check it against the eager model on a volume (see the module docstring).
 
@@ -164,6 +165,7 @@ def export_bundle(
         image_size: in-plane size of the check (default: the bundle's ``image_size``).
         tolerance: largest accepted maximum absolute difference of the logits.
         batch: slices per forward in the check.
+        ckpt_path: the weights; default ``<bundle>/models/model.pt``.
 
     Returns:
         ``{"format", "path", "opset", "image", "slices", "max_abs_diff", "tolerance"}``.
@@ -178,7 +180,7 @@ def export_bundle(
     if not tolerance > 0 or int(batch) < 1:
         raise ValueError(f"tolerance must be > 0 and batch >= 1, got {tolerance} and {batch}.")
     bundle = Path(bundle_dir).resolve()
-    network = load_bundle_network(bundle)
+    network = load_bundle_network(bundle, ckpt_path)
     image = str(image) if image is not None else _first_image(bundle)
     slices = volume_slices(bundle, image, image_size)
     if format == "torchscript":
@@ -204,8 +206,9 @@ def export_bundle(
 
 def export_command(bundle: str, format: str = "onnx", out: str | None = None, opset: int = DEFAULT_OPSET,  # noqa: A002
                    image: str | None = None, image_size: int | None = None,
-                   tolerance: float = DEFAULT_TOLERANCE) -> None:
-    """``relkd export --bundle B --format torchscript|onnx [--out F --opset 18 --image NIFTI --tolerance 1e-3]``.
+                   tolerance: float = DEFAULT_TOLERANCE, ckpt_path: str | None = None) -> None:
+    """``relkd export --bundle B --format torchscript|onnx [--out F --opset 18 --image NIFTI --tolerance 1e-3
+    --ckpt_path W]``.
 
     ``bundle`` is a bundle folder, or the name of one in ``./bundles``. Prints the file, the opset and the maximum
     absolute difference from the eager model on the volume's slices; exits non-zero above the tolerance.
@@ -215,7 +218,8 @@ def export_command(bundle: str, format: str = "onnx", out: str | None = None, op
         from monai_relkd.demo import find_bundles_dir
 
         path = find_bundles_dir() / bundle
-    r = export_bundle(path, format, out=out, opset=opset, image=image, image_size=image_size, tolerance=tolerance)
+    r = export_bundle(path, format, out=out, opset=opset, image=image, image_size=image_size, tolerance=tolerance,
+                      ckpt_path=ckpt_path)
     opset_text = f", opset {r['opset']}" if r["opset"] is not None else ""
     print(f"relkd export: {r['path']} ({r['format']}{opset_text})")
     print(f"  check on {r['image']}: {r['slices'][0]} slices of {r['slices'][2]}x{r['slices'][3]}, max |exported - "
