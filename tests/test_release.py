@@ -282,7 +282,7 @@ def test_eval_metrics_come_from_the_bundles_own_summary_or_stay_null(tmp_path):
     torch.save(ENet(in_channels=1, out_channels=2).state_dict(), weights)
 
     def packaged_metrics(out: Path) -> tuple[dict, dict]:
-        result = package_bundle(bundle, out, base_url=None)
+        result = package_bundle(bundle, out, base_url="https://example.org/releases/v0.1.0")
         with zipfile.ZipFile(result["zip"]) as zf:
             in_zip = json.loads(zf.read(f"{NAME}/configs/metadata.json"))["eval_metrics"]
         assert json.loads((bundle / "configs" / "metadata.json").read_text())["eval_metrics"] == in_zip
@@ -301,8 +301,12 @@ def test_eval_metrics_come_from_the_bundles_own_summary_or_stay_null(tmp_path):
     assert result["eval_metrics"] == metrics
     assert not any("/eval/" in name for name in result["files"]), "the summary itself is not shipped"
     # the bundle's own large_files.yml now lists the weights with their URL and sha256
+    assert result["weights_url"] == f"https://example.org/releases/v0.1.0/{NAME}_v0.1.0_model.pt"
     assert result["weights_url"] in (bundle / "large_files.yml").read_text()
     assert _sha(weights, "sha256") in (bundle / "large_files.yml").read_text()
+    # a local release (file:// URIs) does not write its URIs into the bundle
+    local = package_bundle(bundle, tmp_path / "local", base_url=None)
+    assert local["weights_url"].startswith("file://") and "file://" not in (bundle / "large_files.yml").read_text()
 
     stale = (bundle / "eval" / "summary.json").stat().st_mtime - 60
     os.utime(weights, (stale + 120, stale + 120))

@@ -193,8 +193,8 @@ def package_bundle(
             (a local release, for tests).
         model_info: the ``model_info.json`` to merge the entry into; default ``<out_dir>/model_info.json``. Give
             the repository's ``models/model_info.json`` to fill it directly.
-        update_bundle: also write the filled ``large_files.yml`` and ``configs/metadata.json`` (``eval_metrics``)
-            into the bundle folder, when they differ.
+        update_bundle: also write the filled ``configs/metadata.json`` (``eval_metrics``) and, given a
+            ``base_url``, ``large_files.yml`` into the bundle folder, when they differ.
 
     Returns:
         ``{"name", "version", "zip", "sha1", "sha256", "source", "model_info", "weights", "weights_sha256",
@@ -238,7 +238,8 @@ def package_bundle(
     metadata = dict(metadata, eval_metrics=eval_metrics_of(bundle) or {"mean_dice": None})
     filled = {"large_files.yml": large_files, "configs/metadata.json": _json_text(metadata)}
     if update_bundle:
-        for rel, text in filled.items():
+        # a local release (no base_url) leaves the bundle's large_files.yml alone: file:// URIs are no place to publish
+        for rel, text in ((r, t) for r, t in filled.items() if base_url or r != "large_files.yml"):
             if not (bundle / rel).is_file() or (bundle / rel).read_text() != text:
                 atomic_write_text(bundle / rel, text)
 
