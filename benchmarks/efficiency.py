@@ -106,6 +106,13 @@ the inter-quartile range and min–max. The two cores are shared with other jobs
 
 {table}
 
+The backend table times one slice per forward on each backend in the same run (see the script's docstring:
+`eager_folded` folds BatchNorm into the convolutions, `eager_cl` adds channels-last, `ort_*` is the `relkd export`
+ONNX model in ONNX Runtime with that graph optimisation level); its last column divides the teacher's latency on its
+fastest backend by the student's on the student's fastest (issue 17's goal: ENet ≥ 15×). The whole-volume table runs
+the bundle's own inference config from a NIfTI file on disk to the mask on disk (issue 17's goal: ≤ 2 s for
+24×384×384 on 2 cores), with random weights, after one warm-up run; it excludes the interpreter's start and imports.
+
 How it is measured (`monai_relkd.profiling`): parameters = `sum(p.numel())`; FLOPs from
 `torch.utils.flop_counter.FlopCounterMode`, which counts convolutions (incl. transposed) and matrix products only
 (no norms, activations, pooling, bias or interpolation) and counts a multiply-add as 2 FLOPs, so GMACs =
@@ -226,12 +233,25 @@ def _scratch_bundle(key: str, root: Path) -> Path:
 
 def volume_rows(keys: List[str], backends: List[str], dhw: tuple, sw_batch_sizes: List[int], repeats: int,
                 threads: int | None, image_size: int | None) -> List[Dict[str, Any]]:
-    """Seconds from a NIfTI volume on disk to its mask on disk through the bundle's inference config."""
+    """Seconds from a NIfTI volume on disk to its mask on disk through the bundle's inference config (``threads``:
+    torch's intra-op threads and ONNX Runtime's ``onnx_threads`` during the runs)."""
+    rows: List[Dict[str, Any]] = []
+    onnx_config = BUNDLES / KEYS["enet"][1] / "configs" / "inference_onnx.json"  # identical in every student
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _volume_rows(rows, onnx_config, keys, backends, dhw, sw_batch_sizes, repeats, threads, image_size)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _volume_rows(rows: List[Dict[str, Any]], onnx_config: Path, keys: List[str], backends: List[str], dhw: tuple,
+                 sw_batch_sizes: List[int], repeats: int, threads: int | None,
+                 image_size: int | None) -> List[Dict[str, Any]]:
     from monai_relkd.demo import run_bundle
     from monai_relkd.export import export_bundle
 
-    rows = []
-    onnx_config = BUNDLES / KEYS["enet"][1] / "configs" / "inference_onnx.json"  # identical in every student
     with tempfile.TemporaryDirectory(prefix="relkd_volume_") as tmp:
         root = Path(tmp)
         image = root / "in" / "Case00.nii.gz"
