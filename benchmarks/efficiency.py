@@ -278,16 +278,35 @@ def _volume_rows(rows: List[Dict[str, Any]], onnx_config: Path, keys: List[str],
                             raise RuntimeError(f"{out}: no mask written")
                     rows.append({"network": KEYS[key][0], "backend": backend, "sw_batch_size": sw,
                                  "seconds_median": statistics.median(times[1:]), "seconds_min": min(times[1:]),
-                                 "runs": repeats, "image_size": image_size or "bundle default"})
+                                 "runs": repeats, "image_size": image_size or "bundle default",
+                                 "cli_seconds": _cli_seconds(bundle, configs, image, root / "out" / "cli", sw, threads,
+                                                             {**size, **extra})})
     return rows
+
+
+def _cli_seconds(bundle: Path, configs: List[str], image: Path, out: Path, sw: int, threads: int | None,
+                 override: Dict[str, Any]) -> float:
+    """Wall time of one ``python -m monai.bundle run`` of the same inference: interpreter start and imports included."""
+    import subprocess
+
+    config_file = str([str(bundle / "configs" / c) for c in configs]).replace('"', "'")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file, "--input_path", str(image),
+           "--output_dir", str(out), "--device", "cpu", "--inferer#sw_batch_size", str(sw)]
+    for key, value in override.items():
+        cmd += [f"--{key}", str(value)]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+    return time.perf_counter() - start
 
 
 def _volume_table(rows: List[Dict[str, Any]], dhw: tuple) -> str:
     lines = [f"| network | backend | sw_batch_size | network in-plane size | {'×'.join(map(str, dhw))} NIfTI → mask, "
-             "s: median (min) |", "|---|---|---:|---|---:|"]
+             "s: median (min), in-process | the same with `python -m monai.bundle run`, s (1 run, interpreter start "
+             "included) |", "|---|---|---:|---|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['network']} | {r['backend']} | {r['sw_batch_size']} | {r['image_size']} "
-                     f"| {r['seconds_median']:.2f} ({r['seconds_min']:.2f}) |")
+                     f"| {r['seconds_median']:.2f} ({r['seconds_min']:.2f}) | {r['cli_seconds']:.1f} |")
     return "\n".join(lines)
 
 
