@@ -8,6 +8,22 @@ file are left untouched; the file is created if absent). On the shared 2-core ma
 
 Options: ``--shape 1,1,384,384 --repeats 20 --warmup 3 --threads N --results docs/results.md --json-out F
 --no-write``.
+
+Two more tables (issue 17), both measured in the same run as the first:
+
+- **backends**: the latency of one slice per network and backend - ``eager`` (PyTorch), ``eager_folded`` (BatchNorm
+  folded into the convolutions, :func:`monai_relkd.networks.fold.fold_batchnorm`), ``eager_cl`` (folded and
+  channels-last), ``torchscript`` (``torch.jit.script``), ``ort_basic`` / ``ort_all`` (the ``relkd export`` ONNX
+  model in ONNX Runtime on the CPU with graph optimisation ``basic`` / ``all``), and the teacher/student latency
+  ratio per backend and with each network on its best backend (``--backends`` picks some);
+- **whole volume**: a ``--volume 24,384,384`` (D,H,W) NIfTI on disk to its segmentation on disk, end to end, through
+  the bundle's own ``configs/inference.json`` (eager) or ``+ configs/inference_onnx.json`` (ONNX Runtime), for each
+  ``--sw_batch_sizes`` (slices per forward of ``SliceInferer``), ``--volume_repeats`` timed runs after one warm-up.
+  The time runs from the start of the workflow (config parsing, weights / ONNX session loading) to the written mask;
+  the interpreter's start and imports are not in it. ``--volume_image_size`` sets the bundle's in-plane network size
+  (default: the bundle's own ``image_size``). The weights are random (speed does not depend on them).
+
+``--networks enet,espnet,erfnet,teacher`` restricts all tables; ``--no-volume`` skips the whole-volume table.
 """
 
 from __future__ import annotations
@@ -22,9 +38,15 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
 import torch
 
-from monai_relkd.profiling import parse_shape, profile_network
+from monai_relkd.profiling import measure_latency, parse_shape, profile_network, resolve_network
 
 START, END = "<!-- efficiency:start -->", "<!-- efficiency:end -->"
 TEACHER = ("DeepLabV3+ R50 OS16 (teacher)", "monai_relkd.networks.DeepLabV3Plus", {"backbone": "resnet50", "output_stride": 16})
@@ -33,6 +55,12 @@ STUDENTS = [
     ("ESPNet (p=2, q=8)", "monai_relkd.networks.ESPNet", {"p": 2, "q": 8}),
     ("ERFNet", "monai_relkd.networks.ERFNet", {}),
 ]
+#: --networks key -> (label, bundle folder name)
+KEYS = {"teacher": (TEACHER[0], "prostate_mri_teacher"), "enet": (STUDENTS[0][0], "prostate_mri_student_enet"),
+        "espnet": (STUDENTS[1][0], "prostate_mri_student_espnet"),
+        "erfnet": (STUDENTS[2][0], "prostate_mri_student_erfnet")}
+BACKENDS = ("eager", "eager_folded", "eager_cl", "torchscript", "ort_basic", "ort_all")
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 PAPER_ENET_PARAMS, PAPER_ENET_G = 353_000, 2.2  # Loussaief et al. 2024 (arXiv:2404.02738)
 
 
@@ -78,6 +106,13 @@ the inter-quartile range and min–max. The two cores are shared with other jobs
 
 {table}
 
+The backend table times one slice per forward on each backend in the same run (see the script's docstring:
+`eager_folded` folds BatchNorm into the convolutions, `eager_cl` adds channels-last, `ort_*` is the `relkd export`
+ONNX model in ONNX Runtime with that graph optimisation level); its last column divides the teacher's latency on its
+fastest backend by the student's on the student's fastest (issue 17's goal: ENet ≥ 15×). The whole-volume table runs
+the bundle's own inference config from a NIfTI file on disk to the mask on disk (issue 17's goal: ≤ 2 s for
+24×384×384 on 2 cores), with random weights, after one warm-up run; it excludes the interpreter's start and imports.
+
 How it is measured (`monai_relkd.profiling`): parameters = `sum(p.numel())`; FLOPs from
 `torch.utils.flop_counter.FlopCounterMode`, which counts convolutions (incl. transposed) and matrix products only
 (no norms, activations, pooling, bias or interpolation) and counts a multiply-add as 2 FLOPs, so GMACs =
@@ -94,6 +129,185 @@ differs from theirs by {flops_diff:+.0f} %; if they are MACs, our ENet reaches 2
 {side:.0f}×{side:.0f} (MACs grow with H·W). Counters also differ in what they include (ours ignores element-wise
 ops), so agreement within ~10 % is as close as such figures can be compared.
 {END}"""
+
+
+def _backend_net(net: torch.nn.Module, backend: str, shape: tuple, threads: int | None, workdir: Path) -> Any:
+    """``(callable module, input memory format)`` of ``net`` on ``backend``."""
+    net = net.eval()
+    if backend == "eager":
+        return net, torch.contiguous_format
+    if backend in ("eager_folded", "eager_cl"):
+        from monai_relkd.networks.fold import fold_batchnorm
+
+        folded = fold_batchnorm(net)
+        if backend == "eager_folded":
+            return folded, torch.contiguous_format
+        return folded.to(memory_format=torch.channels_last), torch.channels_last
+    if backend == "torchscript":
+        return torch.jit.script(net), torch.contiguous_format
+    from monai_relkd.export import _onnx
+    from monai_relkd.inference import OnnxRuntimeNetwork
+
+    onnx_file = workdir / f"{type(net).__name__}.onnx"
+    if not onnx_file.is_file():
+        example = torch.randn(2, *shape[1:])
+        onnx_file.write_bytes(_onnx(net, example, 18, 8)[0])
+    level = backend.split("_", 1)[1]
+    return OnnxRuntimeNetwork(onnx_file, num_threads=threads or 0, graph_optimization_level=level), None
+
+
+def backend_rows(keys: List[str], backends: List[str], shape: tuple, repeats: int, warmup: int,
+                 threads: int | None) -> List[Dict[str, Any]]:
+    """One row per network: median latency (ms) of one forward of ``shape`` on each backend."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="relkd_backends_") as tmp:
+        for key in keys:
+            label = KEYS[key][0]
+            _, path, kwargs = next(n for n in [TEACHER, *STUDENTS] if n[0] == label)
+            net = resolve_network(path, **kwargs).eval()
+            row: Dict[str, Any] = {"network": label, "key": key}
+            for backend in backends:
+                print(f"latency {label} on {backend} ...", file=sys.stderr, flush=True)
+                module, memory_format = _backend_net(net, backend, shape, threads, Path(tmp))
+                if memory_format is torch.channels_last:
+                    module = _ChannelsLastInput(module)
+                row[backend] = measure_latency(module, shape, repeats=repeats, warmup=warmup,
+                                               threads=threads)["latency_ms_median"]
+            rows.append(row)
+    return rows
+
+
+class _ChannelsLastInput(torch.nn.Module):
+    """Runs ``module`` on its input converted to channels-last (the conversion is timed with it)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.contiguous(memory_format=torch.channels_last))
+
+
+def _backend_table(rows: List[Dict[str, Any]], backends: List[str]) -> str:
+    teacher = next((r for r in rows if r["key"] == "teacher"), None)
+    head = "| network | " + " | ".join(f"{b} (ms)" for b in backends) + " | best | teacher / student, same backend "
+    head += "| teacher best / student best |"
+    lines = [head, "|---|" + "---:|" * len(backends) + "---|---|---:|"]
+    for r in rows:
+        best = min(backends, key=lambda b: r[b])
+        same = ", ".join(f"{b} {teacher[b] / r[b]:.1f}×" for b in backends) if teacher and r is not teacher else "–"
+        ratio = f"{min(teacher[b] for b in backends) / r[best]:.1f}×" if teacher and r is not teacher else "–"
+        lines.append(f"| {r['network']} | " + " | ".join(f"{r[b]:.1f}" for b in backends)
+                     + f" | {best} | {same} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _write_volume(path: Path, dhw: tuple) -> None:
+    """A synthetic T2-like volume of (D, H, W) voxels (stored H, W, D, 0.5 x 0.5 x 3.6 mm) as NIfTI."""
+    from monai_relkd.data._io import write_nifti
+
+    d, h, w = dhw
+    yy, xx = np.mgrid[:h, :w]
+    blob = np.exp(-(((yy - h / 2) / (h / 6)) ** 2 + ((xx - w / 2) / (w / 5)) ** 2))
+    rng = np.random.default_rng(0)
+    vol = (200 * blob[..., None] + 40 + 10 * rng.standard_normal((h, w, d))).astype(np.float32)
+    write_nifti(path, vol, np.diag([0.5, 0.5, 3.6, 1.0]))
+
+
+def _scratch_bundle(key: str, root: Path) -> Path:
+    """A copy of the bundle's configs with randomly initialised weights saved as models/model.pt."""
+    from monai_relkd.export import load_bundle_network  # noqa: F401 - keeps the import error early
+    from monai.bundle import ConfigParser
+
+    src = BUNDLES / KEYS[key][1]
+    dst = root / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("models", "eval", "runs", "__pycache__"))
+    parser = ConfigParser()
+    parser.read_config(str(dst / "configs" / "inference.json"))
+    parser["bundle_root"] = str(dst)
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    (dst / "models").mkdir()
+    torch.save(net.state_dict(), dst / "models" / "model.pt")
+    return dst
+
+
+def volume_rows(keys: List[str], backends: List[str], dhw: tuple, sw_batch_sizes: List[int], repeats: int,
+                threads: int | None, image_size: int | None) -> List[Dict[str, Any]]:
+    """Seconds from a NIfTI volume on disk to its mask on disk through the bundle's inference config (``threads``:
+    torch's intra-op threads and ONNX Runtime's ``onnx_threads`` during the runs)."""
+    rows: List[Dict[str, Any]] = []
+    onnx_config = BUNDLES / KEYS["enet"][1] / "configs" / "inference_onnx.json"  # identical in every student
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _volume_rows(rows, onnx_config, keys, backends, dhw, sw_batch_sizes, repeats, threads, image_size)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _volume_rows(rows: List[Dict[str, Any]], onnx_config: Path, keys: List[str], backends: List[str], dhw: tuple,
+                 sw_batch_sizes: List[int], repeats: int, threads: int | None,
+                 image_size: int | None) -> List[Dict[str, Any]]:
+    from monai_relkd.demo import run_bundle
+    from monai_relkd.export import export_bundle
+
+    with tempfile.TemporaryDirectory(prefix="relkd_volume_") as tmp:
+        root = Path(tmp)
+        image = root / "in" / "Case00.nii.gz"
+        _write_volume(image, dhw)
+        for key in keys:
+            bundle = _scratch_bundle(key, root / "bundles")
+            size = {"image_size": int(image_size)} if image_size else {}
+            shutil.copy(onnx_config, bundle / "configs" / "inference_onnx.json")
+            for backend in backends:
+                configs = ["inference.json"] + (["inference_onnx.json"] if backend == "onnxruntime" else [])
+                extra: Dict[str, Any] = {"onnx_threads": threads or 0} if backend == "onnxruntime" else {}
+                if backend == "onnxruntime" and not (bundle / "models" / "model.onnx").is_file():
+                    export_bundle(bundle, "onnx", image=image, **size)
+                for sw in sw_batch_sizes:
+                    print(f"volume {KEYS[key][0]} on {backend}, sw_batch_size {sw} ...", file=sys.stderr, flush=True)
+                    times = []
+                    for i in range(repeats + 1):  # the first run warms up (lazy imports, allocator)
+                        out = root / "out" / f"{key}_{backend}_{sw}_{i}"
+                        start = time.perf_counter()
+                        run_bundle(bundle, configs, input_path=str(image), output_dir=str(out), device="cpu",
+                                   **{"inferer#sw_batch_size": sw}, **size, **extra)
+                        times.append(time.perf_counter() - start)
+                        if not (out / "Case00_seg.nii.gz").is_file():
+                            raise RuntimeError(f"{out}: no mask written")
+                    rows.append({"network": KEYS[key][0], "backend": backend, "sw_batch_size": sw,
+                                 "seconds_median": statistics.median(times[1:]), "seconds_min": min(times[1:]),
+                                 "runs": repeats, "image_size": image_size or "bundle default",
+                                 "cli_seconds": _cli_seconds(bundle, configs, image, root / "out" / "cli", sw, threads,
+                                                             {**size, **extra})})
+    return rows
+
+
+def _cli_seconds(bundle: Path, configs: List[str], image: Path, out: Path, sw: int, threads: int | None,
+                 override: Dict[str, Any]) -> float:
+    """Wall time of one ``python -m monai.bundle run`` of the same inference: interpreter start and imports included."""
+    import subprocess
+
+    config_file = str([str(bundle / "configs" / c) for c in configs]).replace('"', "'")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file, "--input_path", str(image),
+           "--output_dir", str(out), "--device", "cpu", "--inferer#sw_batch_size", str(sw)]
+    for key, value in override.items():
+        cmd += [f"--{key}", str(value)]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+    return time.perf_counter() - start
+
+
+def _volume_table(rows: List[Dict[str, Any]], dhw: tuple) -> str:
+    lines = [f"| network | backend | sw_batch_size | network in-plane size | {'×'.join(map(str, dhw))} NIfTI → mask, "
+             "s: median (min), in-process | the same with `python -m monai.bundle run`, s (1 run, interpreter start "
+             "included) |", "|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['network']} | {r['backend']} | {r['sw_batch_size']} | {r['image_size']} "
+                     f"| {r['seconds_median']:.2f} ({r['seconds_min']:.2f}) | {r['cli_seconds']:.1f} |")
+    return "\n".join(lines)
 
 
 def write_section(results_md: Path, section: str) -> None:
@@ -118,11 +332,24 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "docs" / "results.md"))
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/results.md alone")
+    parser.add_argument("--networks", default="teacher,enet,espnet,erfnet")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--volume", default="24,384,384", help="D,H,W of the whole-volume row")
+    parser.add_argument("--volume_image_size", type=int, default=None)
+    parser.add_argument("--volume_backends", default="eager,onnxruntime")
+    parser.add_argument("--sw_batch_sizes", default="1,16")
+    parser.add_argument("--volume_repeats", type=int, default=3)
+    parser.add_argument("--no-volume", action="store_true")
     args = parser.parse_args(argv)
     shape = parse_shape(args.shape)
+    keys = [k.strip() for k in args.networks.split(",") if k.strip()]
+    unknown = sorted(set(keys) - set(KEYS)) + sorted(set(args.backends.split(",")) - set(BACKENDS))
+    if unknown:
+        parser.error(f"unknown network or backend {unknown}; networks: {sorted(KEYS)}, backends: {list(BACKENDS)}")
+    labels = [KEYS[k][0] for k in keys]
 
     rows = []
-    for label, path, kwargs in [TEACHER, *STUDENTS]:
+    for label, path, kwargs in [n for n in [TEACHER, *STUDENTS] if n[0] in labels]:
         print(f"profiling {label} ...", file=sys.stderr, flush=True)
         rows.append(
             profile_network(path, shape=shape, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
@@ -130,8 +357,23 @@ def main(argv: List[str] | None = None) -> int:
         )
     table = _table(rows, rows[0]["latency_ms_median"])
     print(table)
+    backends = [b for b in args.backends.split(",") if b]
+    brows = backend_rows(keys, backends, shape, args.repeats, args.warmup, args.threads)
+    btable = _backend_table(brows, backends)
+    print("\n" + btable)
+    vrows: List[Dict[str, Any]] = []
+    dhw = parse_shape("1,1," + args.volume)[2:]
+    if not args.no_volume:
+        vrows = volume_rows(keys, args.volume_backends.split(","), dhw, [int(v) for v in args.sw_batch_sizes.split(",")],
+                            args.volume_repeats, args.threads, args.volume_image_size)
+        print("\n" + _volume_table(vrows, dhw))
+        table = table + "\n\nLatency of one slice per backend (ms, median):\n\n" + btable
+        table += "\n\nWhole volume, end to end:\n\n" + _volume_table(vrows, dhw)
+    else:
+        table = table + "\n\nLatency of one slice per backend (ms, median):\n\n" + btable
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json_out).write_text(json.dumps({"networks": rows, "backends": brows, "volume": vrows}, indent=2)
+                                       + "\n")
     if not args.no_write:
         given = " ".join(argv if argv is not None else sys.argv[1:])
         command = f"flock /tmp/relkd-cpu.lock python benchmarks/efficiency.py {given}".strip()

@@ -12,14 +12,14 @@ copy of ``prostate_mri_student_enet`` with randomly initialised ENet weights (no
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
+import re
 import shutil
+import socket
 import subprocess
 import sys
-import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -34,7 +34,7 @@ SOURCE = REPO / "bundles" / "prostate_mri_student_enet"
 NAME = "prostate_mri_student_enet"
 OWNER, GH_REPO, TAG = "monai-relkd", "monai-relkd", "v0.1.0"
 IMAGE_SIZE = 32
-SERVER_LIFETIME_S = 300
+SERVER_START_S = 30
 
 # Run `python -m monai.bundle ...` with MONAI's two GitHub URLs pointed at the local server (see the docstring of
 # test_download_from_github_source_against_a_local_server). argv[1] is the server's base URL.
@@ -79,11 +79,46 @@ def _monai_bundle(*args: str, cwd: Path, wrapper: list[str] | None = None) -> su
     return proc
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    requested: list[str] = []
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    def log_message(self, format, *args):  # noqa: A002 - record instead of printing
-        type(self).requested.append(self.path)
+
+class _Server:
+    """``python -m http.server`` on 127.0.0.1 in a subprocess serving ``www``; :meth:`requested` reads its log."""
+
+    def __init__(self, www: Path, log: Path) -> None:
+        self.log = log
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._log_file = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "http.server", str(self.port), "--bind", "127.0.0.1", "--directory", str(www)],
+            stdout=self._log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"http.server did not start on port {self.port}: {log.read_text()}")
+                time.sleep(0.1)
+
+    def requested(self) -> list[str]:
+        """Paths of the GET requests the server answered so far (from its log lines ``"GET /path HTTP/1.1" 200``)."""
+        return re.findall(r'"GET (\S+) HTTP/1\.[01]" 200', self.log.read_text())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._log_file.close()
 
 
 @pytest.fixture(scope="module")
@@ -103,31 +138,21 @@ def release(tmp_path_factory):
 
     www = root / "www"
     www.mkdir()
-    _Handler.requested = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(www)))
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    stopper = threading.Timer(SERVER_LIFETIME_S, server.shutdown)  # bounded lifetime, whatever happens
-    stopper.daemon = True
-    stopper.start()
+    server = _Server(www, root / "http_server.log")
     try:
-        with_weights = package_bundle(bundle, root / "out_with_weights", include_weights=True)
+        with_weights = package_bundle(bundle, root / "out_with_weights", include_weights=True, base_url=None)
         # the GitHub release layout: https://github.com/OWNER/REPO/releases/download/TAG/<file> and
         # https://raw.githubusercontent.com/OWNER/REPO/TAG/models/model_info.json
         assets = www / OWNER / GH_REPO / "releases" / "download" / TAG
-        without = package_bundle(bundle, assets, include_weights=False, base_url=f"{base}/{OWNER}/{GH_REPO}"
+        without = package_bundle(bundle, assets, include_weights=False, base_url=f"{server.base}/{OWNER}/{GH_REPO}"
                                  f"/releases/download/{TAG}")
         info = www / "raw" / OWNER / GH_REPO / TAG / "models" / "model_info.json"
         info.parent.mkdir(parents=True)
         shutil.move(without["model_info"], info)
-        yield {"root": root, "bundle": bundle, "image": image, "base": base, "with_weights": with_weights,
-               "without_weights": without, "model_info": info}
+        yield {"root": root, "bundle": bundle, "image": image, "base": server.base, "server": server,
+               "with_weights": with_weights, "without_weights": without, "model_info": info}
     finally:
-        stopper.cancel()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+        server.stop()
 
 
 def _infer(bundle_dir: Path, image: Path, out: Path) -> None:
@@ -160,30 +185,30 @@ def test_zip_layout_large_files_and_model_info(release):
         assert entry["path"] == "models/model.pt"
         assert entry["hash_val"] == weights_sha and entry["hash_type"] == "sha256"
         assert result["sha1"] == _sha(Path(result["zip"]), "sha1")
-    assert "url" not in yaml.safe_load(with_w["large_files"])["large_files"][0]
+    assert yaml.safe_load(with_w["large_files"])["large_files"][0]["url"] == Path(with_w["weights"]).as_uri()
     assert yaml.safe_load(without["large_files"])["large_files"][0]["url"] == (
         f"{release['base']}/{OWNER}/{GH_REPO}/releases/download/{TAG}/{NAME}_v0.1.0_model.pt")
     assert _sha(Path(without["weights"]), "sha256") == weights_sha
 
     info = json.loads(release["model_info"].read_text())
-    assert info == {f"{NAME}_v0.1.0": {"checksum": without["sha1"], "source": (
+    assert info == {f"{NAME}_v0.1.0": {"checksum": without["sha1"], "model_sha256": weights_sha, "source": (
         f"{release['base']}/{OWNER}/{GH_REPO}/releases/download/{TAG}/{NAME}_v0.1.0.zip")}}
     local = json.loads(Path(with_w["model_info"]).read_text())
-    assert local[f"{NAME}_v0.1.0"] == {"checksum": with_w["sha1"], "source": Path(with_w["zip"]).as_uri()}
+    assert local[f"{NAME}_v0.1.0"] == {"checksum": with_w["sha1"], "source": Path(with_w["zip"]).as_uri(),
+                                        "model_sha256": weights_sha}
 
     # same bundle, same bytes (the checksum in model_info.json is reproducible)
-    again = package_bundle(release["bundle"], release["root"] / "again", include_weights=True)
+    again = package_bundle(release["bundle"], release["root"] / "out_with_weights", include_weights=True, base_url=None)
     assert again["sha1"] == with_w["sha1"]
 
 
 def test_missing_weights_is_an_error_saying_how_to_train(release, tmp_path):
     bare = tmp_path / NAME
     shutil.copytree(release["bundle"], bare, ignore=shutil.ignore_patterns("models"))
-    with pytest.raises(FileNotFoundError, match="monai.bundle run training"):
-        package_bundle(bare, tmp_path / "out")
-    assert not (tmp_path / "out" / f"{NAME}_v0.1.0.zip").exists()
-    with pytest.raises(ValueError, match="base_url"):
-        package_bundle(release["bundle"], tmp_path / "out", include_weights=False)
+    for include_weights in (True, False):
+        with pytest.raises(FileNotFoundError, match="monai.bundle run training"):
+            package_bundle(bare, tmp_path / "out", include_weights=include_weights)
+    assert not (tmp_path / "out").exists()
 
 
 def test_download_by_url_then_infer(release, tmp_path):
@@ -198,6 +223,84 @@ def test_download_by_url_then_infer(release, tmp_path):
                   "--input_path", str(release["image"]), "--image_size", str(IMAGE_SIZE),
                   "--output_dir", str(out), "--device", "cpu", cwd=tmp_path)
     assert_mask_like(release["image"], out)
+
+
+def test_download_by_http_url_then_download_large_files_then_infer(release, tmp_path):
+    """The loopback release as a user meets it: ``monai.bundle download --url http://127.0.0.1:PORT/...zip`` (a zip
+    without weights), then ``download_large_files`` fetches ``models/model.pt`` from the URL in ``large_files.yml``
+    with its sha256 checked, then ``inference.json`` (the CLI) segments a NIfTI volume."""
+    import yaml
+
+    server, without = release["server"], release["without_weights"]
+    before = len(server.requested())
+    zip_url = f"{server.base}/{OWNER}/{GH_REPO}/releases/download/{TAG}/{NAME}_v0.1.0.zip"
+    _monai_bundle("download", "--name", NAME, "--bundle_dir", str(tmp_path / "dl"), "--url", zip_url,
+                  "--progress", "False", cwd=tmp_path)
+    bundle = tmp_path / "dl" / NAME
+    assert not (bundle / "models" / "model.pt").exists()
+    entry = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"][0]
+    assert entry["url"].startswith(server.base + "/") and entry["hash_type"] == "sha256"
+
+    _monai_bundle("download_large_files", "--bundle_path", str(bundle), cwd=tmp_path)
+    requested = server.requested()[before:]
+    assert requested == [f"/{OWNER}/{GH_REPO}/releases/download/{TAG}/{NAME}_v0.1.0.zip",
+                         f"/{OWNER}/{GH_REPO}/releases/download/{TAG}/{NAME}_v0.1.0_model.pt"]
+    weights = bundle / "models" / "model.pt"
+    assert _sha(weights, "sha256") == entry["hash_val"] == without["weights_sha256"]
+    assert weights.read_bytes() == (release["bundle"] / "models" / "model.pt").read_bytes()
+
+    out = tmp_path / "pred"
+    _monai_bundle("run", "--config_file", str(bundle / "configs" / "inference.json"),
+                  "--input_path", str(release["image"]), "--image_size", str(IMAGE_SIZE),
+                  "--output_dir", str(out), "--device", "cpu", cwd=tmp_path)
+    _check_mask(release["image"], out)
+
+
+def test_eval_metrics_come_from_the_bundles_own_summary_or_stay_null(tmp_path):
+    """``metadata.json``'s ``eval_metrics`` (in the zip and, with update_bundle, in the bundle) are the means of
+    ``eval/summary.json`` when it evaluated these weights; null without a summary or with one older than them."""
+    import os
+
+    from monai_relkd.evaluation.summary import summarize_cases, write_summary
+    from monai_relkd.networks import ENet
+
+    bundle = tmp_path / NAME
+    shutil.copytree(SOURCE, bundle, ignore=shutil.ignore_patterns("models", "eval", "runs", "__pycache__"))
+    weights = bundle / "models" / "model.pt"
+    weights.parent.mkdir()
+    torch.save(ENet(in_channels=1, out_channels=2).state_dict(), weights)
+
+    def packaged_metrics(out: Path) -> tuple[dict, dict]:
+        result = package_bundle(bundle, out, base_url="https://example.org/releases/v0.1.0")
+        with zipfile.ZipFile(result["zip"]) as zf:
+            in_zip = json.loads(zf.read(f"{NAME}/configs/metadata.json"))["eval_metrics"]
+        assert json.loads((bundle / "configs" / "metadata.json").read_text())["eval_metrics"] == in_zip
+        return in_zip, result
+
+    assert packaged_metrics(tmp_path / "none")[0] == {"mean_dice": None}
+
+    cases = [{"case": f"Case0{i}", "site": site, "metrics": {"dice": dice, "hd95": hd, "asd": 1.0}}
+             for i, (site, dice, hd) in enumerate([("HK", 0.8, 3.0), ("HK", 0.6, None), ("UCL", 0.7, 5.0)])]
+    summary = summarize_cases(cases)
+    summary["model"] = NAME
+    write_summary(summary, bundle / "eval")
+    metrics, result = packaged_metrics(tmp_path / "fresh")
+    assert metrics == {"mean_dice": pytest.approx(0.7), "mean_hd95_mm": pytest.approx(4.0), "mean_asd_mm": 1.0,
+                       "n_cases": 3, "sites": ["HK", "UCL"]}
+    assert result["eval_metrics"] == metrics
+    assert not any("/eval/" in name for name in result["files"]), "the summary itself is not shipped"
+    # the bundle's own large_files.yml now lists the weights with their URL and sha256
+    assert result["weights_url"] == f"https://example.org/releases/v0.1.0/{NAME}_v0.1.0_model.pt"
+    assert result["weights_url"] in (bundle / "large_files.yml").read_text()
+    assert _sha(weights, "sha256") in (bundle / "large_files.yml").read_text()
+    # a local release (file:// URIs) does not write its URIs into the bundle
+    local = package_bundle(bundle, tmp_path / "local", base_url=None)
+    assert local["weights_url"].startswith("file://") and "file://" not in (bundle / "large_files.yml").read_text()
+
+    stale = (bundle / "eval" / "summary.json").stat().st_mtime - 60
+    os.utime(weights, (stale + 120, stale + 120))
+    os.utime(bundle / "eval" / "summary.json", (stale, stale))
+    assert packaged_metrics(tmp_path / "stale")[0] == {"mean_dice": None}
 
 
 def test_download_from_github_source_against_a_local_server(release, tmp_path):
@@ -218,19 +321,21 @@ def test_download_from_github_source_against_a_local_server(release, tmp_path):
     """
     wrapper = tmp_path / "github_redirect.py"
     wrapper.write_text(GITHUB_REDIRECT)
-    _Handler.requested.clear()
+    server = release["server"]
+    before = len(server.requested())
     dl = tmp_path / "dl"
     _monai_bundle("download", "--name", NAME, "--source", "github", "--repo", f"{OWNER}/{GH_REPO}/{TAG}",
                   "--bundle_dir", str(dl), "--progress", "False", cwd=tmp_path,
                   wrapper=[str(wrapper), release["base"]])
-    assert f"/raw/{OWNER}/{GH_REPO}/{TAG}/models/model_info.json" in _Handler.requested
-    assert f"/{OWNER}/{GH_REPO}/releases/download/{TAG}/{NAME}_v0.1.0.zip" in _Handler.requested
+    requested = server.requested()[before:]
+    assert f"/raw/{OWNER}/{GH_REPO}/{TAG}/models/model_info.json" in requested
+    assert f"/{OWNER}/{GH_REPO}/releases/download/{TAG}/{NAME}_v0.1.0.zip" in requested
     bundle = dl / NAME
     assert (bundle / "configs" / "inference.json").is_file()
     assert not (bundle / "models" / "model.pt").exists(), "this release has no weights in the zip"
 
     _monai_bundle("download_large_files", "--bundle_path", str(bundle), cwd=tmp_path)
-    assert f"/{OWNER}/{GH_REPO}/releases/download/{TAG}/{NAME}_v0.1.0_model.pt" in _Handler.requested
+    assert f"/{OWNER}/{GH_REPO}/releases/download/{TAG}/{NAME}_v0.1.0_model.pt" in server.requested()[before:]
     weights = bundle / "models" / "model.pt"
     assert weights.read_bytes() == (release["bundle"] / "models" / "model.pt").read_bytes()
     _infer(bundle, release["image"], tmp_path / "pred")

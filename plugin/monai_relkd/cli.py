@@ -8,7 +8,8 @@ Each sub-command is a plain function that lives beside the code it drives; this 
     relkd evaluate --pred DIR --datalist datalist.json [--split test]
     relkd fsd --bundle B --datalist datalist.json --tap NAME
     relkd report RUN_DIR [RUN_DIR ...] [--out DIR]
-    relkd package --bundle B --out DIR [--include_weights False --base_url URL]
+    relkd package --bundle B --out DIR [--include_weights False --base_url URL --model_info F]
+    relkd export --bundle B --format torchscript|onnx [--out F --opset 18 --image NIFTI]
     relkd new-student --network monai.networks.nets.UNet --network_args '{...}' --teacher_bundle T --out DIR
     relkd demo [--out relkd_demo]
     relkd nnunet-path                                   # value for nnUNet_extTrainer
@@ -39,6 +40,7 @@ def commands() -> dict:
     from monai_relkd.data.synthetic import synth_command
     from monai_relkd.demo import demo_command
     from monai_relkd.evaluation import evaluate_command, fsd_command
+    from monai_relkd.export import export_command
     from monai_relkd.nnunet import nnunet_path_command
     from monai_relkd.nnunet.convert import to_nnunet_command
     from monai_relkd.profiling import profile_command
@@ -53,6 +55,7 @@ def commands() -> dict:
         "fsd": fsd_command,
         "report": report_command,
         "package": package_command,
+        "export": export_command,
         "new-student": new_student_command,
         "demo": demo_command,
         "nnunet-path": nnunet_path_command,

@@ -4,10 +4,19 @@ One call writes, into ``out_dir``:
 
 - ``<name>_v<version>.zip`` holding the top-level folder ``<name>/`` (MONAI's ``download`` extracts it with
   ``has_base=True`` into ``<bundle_dir>/<name>``), with the weights ``models/model.pt`` inside
-  (``include_weights=True``) or listed in ``large_files.yml`` with their URL and sha256 (``include_weights=False``;
-  the weights are then written beside the zip as ``<name>_v<version>_model.pt`` for upload);
-- ``model_info.json`` with the entry ``{"<name>_v<version>": {"checksum": <sha1 of the zip>, "source": <url>}}``,
-  merged into the file already there, so that one ``model_info.json`` lists every bundle of a release.
+  (``include_weights=True``) or not (``include_weights=False``);
+- the weights beside the zip as ``<name>_v<version>_model.pt`` (the upload that ``large_files.yml`` points to);
+- ``model_info.json`` with the entry ``{"<name>_v<version>": {"checksum": <sha1 of the zip>, "source": <url>,
+  "model_sha256": <sha256 of models/model.pt>}}``, merged into the file already there, so that one
+  ``model_info.json`` lists every bundle of a release (``--model_info models/model_info.json`` fills the
+  repository's own file, the one MONAI reads at the release tag).
+
+The zip's ``large_files.yml`` lists ``models/model.pt`` with ``url`` (``<base_url>/<name>_v<version>_model.pt``),
+``hash_val`` (sha256) and ``hash_type``, and its ``configs/metadata.json`` has ``eval_metrics`` from the bundle's own
+evaluation summary (``eval/summary.json``, written by ``configs/evaluate.json``) when that summary exists and is newer
+than the weights; otherwise they stay null (never invented). With ``update_bundle=True`` (the default) the bundle
+folder's ``large_files.yml`` and ``configs/metadata.json`` are updated to what the zip holds, so the committed bundle
+matches its release.
 
 What goes into the zip: every file of the bundle folder except run outputs and derived files — ``eval/``,
 ``runs/``, ``logs/``, ``__pycache__/``, hidden files, ``*.pyc``, ``*.tmp``, and everything in ``models/`` but
@@ -22,15 +31,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from monai_relkd import __version__
 from monai_relkd.data._io import atomic_write, atomic_write_bytes, atomic_write_text
 from monai_relkd.inference import load_checked_weights
 
-__all__ = ["package_bundle", "package_command", "WEIGHTS", "EXCLUDED_DIRS"]
+__all__ = ["package_bundle", "package_command", "eval_metrics_of", "WEIGHTS", "EXCLUDED_DIRS", "PROJECT_REPO",
+           "DEFAULT_BASE_URL", "SUMMARY"]
+
+logger = logging.getLogger(__name__)
+
+#: the project's GitHub repository (the ``$id`` of its JSON schemas names it too).
+PROJECT_REPO = "monai-relkd/monai-relkd"
+#: where a release of this version of the project is uploaded: one GitHub release per project version, holding every
+#: bundle's zip and weights (``monai.bundle download --source github --repo monai-relkd/monai-relkd/v<version>``).
+DEFAULT_BASE_URL = f"https://github.com/{PROJECT_REPO}/releases/download/v{__version__}"
+#: the evaluation summary a bundle's ``configs/evaluate.json`` writes, relative to the bundle folder.
+SUMMARY = "eval/summary.json"
 
 #: the weights file of a bundle, relative to its folder.
 WEIGHTS = "models/model.pt"
@@ -42,8 +64,7 @@ _ZIP_DATE = (2022, 5, 30, 0, 0, 0)
 
 _HOWTO_TRAIN = (
     "Train it first: `python -m monai.bundle run training --config_file {configs}/train.json` "
-    "(a student needs the teacher's models/model.pt, see its docs/README.md), or copy a trained model.pt there; "
-    "or package without weights (include_weights=False / --include_weights False) and upload them separately."
+    "(a student needs the teacher's models/model.pt, see its docs/README.md), or copy a trained model.pt there."
 )
 
 
@@ -78,6 +99,44 @@ def _large_files_yml(entry: dict[str, str]) -> str:
     lines = ["large_files:", f'  - path: "{entry["path"]}"']
     lines += [f'    {key}: "{entry[key]}"' for key in ("url", "hash_val", "hash_type") if key in entry]
     return "\n".join(lines) + "\n"
+
+
+def eval_metrics_of(bundle_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``eval_metrics`` for ``metadata.json`` from the bundle's own evaluation summary, or None.
+
+    Reads ``<bundle>/eval/summary.json`` (``python -m monai.bundle run --config_file "['configs/train.json',
+    'configs/evaluate.json']"`` writes it). None - the metrics stay null - when there is no summary, when it is
+    older than ``models/model.pt`` (it evaluated other weights), or when it names another model.
+
+    Returns:
+        ``{"mean_dice", "mean_hd95_mm", "mean_asd_mm", "n_cases", "sites"}`` (means over cases, all evaluated
+        sites pooled; a distance is null when undefined for every case).
+    """
+    bundle = Path(bundle_dir)
+    summary_path, weights = bundle / SUMMARY, bundle / WEIGHTS
+    if not summary_path.is_file():
+        return None
+    if weights.is_file() and summary_path.stat().st_mtime < weights.stat().st_mtime:
+        logger.warning("%s is older than %s: it evaluated other weights; eval_metrics stay null (run "
+                       "configs/evaluate.json again).", summary_path, weights)
+        return None
+    try:
+        with open(summary_path) as f:
+            summary = json.load(f)
+        mean, n_cases, sites = summary["mean"], int(summary["n_cases"]), sorted(summary["per_site"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{summary_path}: not an evaluation summary of monai_relkd.evaluation ({e!r}).") from None
+    model = summary.get("model")
+    name = json.loads((bundle / "configs" / "metadata.json").read_text()).get("name")
+    if model is not None and model != name:
+        logger.warning("%s evaluates %r, not %r; eval_metrics stay null.", summary_path, model, name)
+        return None
+    return {"mean_dice": mean.get("dice"), "mean_hd95_mm": mean.get("hd95"), "mean_asd_mm": mean.get("asd"),
+            "n_cases": n_cases, "sites": sites}
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=4, ensure_ascii=False) + "\n"
 
 
 def _check_links(bundle_dir: Path, files: list[str]) -> None:
@@ -115,33 +174,38 @@ def package_bundle(
     bundle_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     include_weights: bool = True,
-    base_url: str | None = None,
+    base_url: str | None = DEFAULT_BASE_URL,
+    model_info: str | os.PathLike | None = None,
+    update_bundle: bool = True,
 ) -> dict[str, Any]:
-    """Write the release zip of a bundle, its ``model_info.json`` entry and (without weights) the weights file.
+    """Write the release zip of a bundle, the weights file beside it and its ``model_info.json`` entry.
 
     Args:
         bundle_dir: the bundle folder (``configs/metadata.json`` gives its name and version; it is validated with
             :func:`monai_relkd.metadata.validate_bundle_metadata`).
-        out_dir: where the zip, ``model_info.json`` and the weights file go (created).
-        include_weights: put ``models/model.pt`` in the zip; ``False`` leaves it out, writes it beside the zip as
-            ``<name>_v<version>_model.pt`` and lists it in the zip's ``large_files.yml`` with its URL and sha256.
-            With weights, ``large_files.yml`` lists their sha256 (and, given ``base_url``, the URL of the copy
-            written beside the zip).
-        base_url: the URL of the folder the release files are uploaded to, e.g.
-            ``https://github.com/OWNER/REPO/releases/download/TAG`` (a GitHub release). It makes the ``source`` of
-            the ``model_info.json`` entry and the ``url`` in ``large_files.yml``. Required with
-            ``include_weights=False``. Without it the ``source`` is the ``file://`` URI of the zip written here.
+        out_dir: where the zip, the weights file and ``model_info.json`` go (created).
+        include_weights: put ``models/model.pt`` in the zip (``download_large_files`` then only checks its hash);
+            ``False`` leaves it out (``download_large_files`` fetches it from the URL in ``large_files.yml``).
+        base_url: the URL of the folder the release files are uploaded to; default :data:`DEFAULT_BASE_URL`, the
+            project's GitHub release of this version (``https://github.com/monai-relkd/monai-relkd/releases/
+            download/v<version>``). It makes the ``source`` of the ``model_info.json`` entry and the ``url`` of
+            the weights in ``large_files.yml``. ``None`` or ``""``: the ``file://`` URIs of the files written here
+            (a local release, for tests).
+        model_info: the ``model_info.json`` to merge the entry into; default ``<out_dir>/model_info.json``. Give
+            the repository's ``models/model_info.json`` to fill it directly.
+        update_bundle: also write the filled ``configs/metadata.json`` (``eval_metrics``) and, given a
+            ``base_url``, ``large_files.yml`` into the bundle folder, when they differ.
 
     Returns:
         ``{"name", "version", "zip", "sha1", "sha256", "source", "model_info", "weights", "weights_sha256",
-        "large_files", "files"}`` (paths as strings; ``weights`` is the file to upload beside the zip, or None).
+        "weights_url", "large_files", "eval_metrics", "files"}`` (paths as strings; ``weights`` is the file to
+        upload beside the zip).
 
     Raises:
-        FileNotFoundError: ``include_weights`` and no ``models/model.pt`` (the message says how to train one).
+        FileNotFoundError: no ``models/model.pt`` (the message says how to train one).
         monai_relkd.inference.WeightsError: ``models/model.pt`` does not load with ``weights_only=True`` (truncated,
             corrupt) or does not match the bundle's ``network_def``.
-        ValueError: a file of the bundle is a symbolic link leading out of it.
-        ValueError: ``include_weights=False`` without ``base_url``.
+        ValueError: a file of the bundle is a symbolic link leading out of it; an unreadable ``eval/summary.json``.
         monai_relkd.metadata.BundleMetadataError: invalid ``configs/metadata.json``.
     """
     from monai_relkd.metadata import validate_bundle_metadata
@@ -152,19 +216,9 @@ def package_bundle(
     release = f"{name}_v{version}"
     weights = bundle / WEIGHTS
     if not weights.is_file():
-        if include_weights:
-            raise FileNotFoundError(
-                f"{weights} does not exist: the release of {name} {version} needs its trained weights. "
-                + _HOWTO_TRAIN.format(configs=bundle / "configs")
-            )
         raise FileNotFoundError(
-            f"{weights} does not exist: a release without weights still lists their sha256 in large_files.yml. "
-            + _HOWTO_TRAIN.format(configs=bundle / "configs")
-        )
-    if not include_weights and not base_url:
-        raise ValueError(
-            "include_weights=False needs base_url: the URL the weights file is uploaded to goes into "
-            "large_files.yml (e.g. https://github.com/OWNER/REPO/releases/download/TAG)."
+            f"{weights} does not exist: the release of {name} {version} needs its trained weights (in the zip, or "
+            "beside it with their sha256 in large_files.yml). " + _HOWTO_TRAIN.format(configs=bundle / "configs")
         )
 
     files = _release_files(bundle, include_weights)
@@ -174,50 +228,50 @@ def package_bundle(
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    zip_path = out / f"{release}.zip"
+    zip_path, weights_out = out / f"{release}.zip", out / f"{release}_model.pt"
     weights_sha256 = _sha(weights, "sha256")
-    entry: dict[str, str] = {"path": WEIGHTS}
-    weights_out = None
-    if base_url:
-        # listed with a URL, so also written beside the zip for upload; when the weights are in the zip as well,
-        # download_large_files only checks their hash
-        weights_out = out / f"{release}_model.pt"
-        entry["url"] = _join_url(base_url, weights_out.name)
+    weights_url = _join_url(base_url, weights_out.name) if base_url else weights_out.as_uri()
     # monai.bundle.scripts.download_large_files (1.6.1) calls monai.apps.download_url(url=, filepath=<path>,
     # hash_val=, hash_type=) with each entry; with the file present and its hash right it skips the download.
-    entry.update(hash_val=weights_sha256, hash_type="sha256")
-    large_files = _large_files_yml(entry)
+    large_files = _large_files_yml({"path": WEIGHTS, "url": weights_url, "hash_val": weights_sha256,
+                                    "hash_type": "sha256"})
+    metadata = dict(metadata, eval_metrics=eval_metrics_of(bundle) or {"mean_dice": None})
+    filled = {"large_files.yml": large_files, "configs/metadata.json": _json_text(metadata)}
+    if update_bundle:
+        # a local release (no base_url) leaves the bundle's large_files.yml alone: file:// URIs are no place to publish
+        for rel, text in ((r, t) for r, t in filled.items() if base_url or r != "large_files.yml"):
+            if not (bundle / rel).is_file() or (bundle / rel).read_text() != text:
+                atomic_write_text(bundle / rel, text)
 
     def write_zip(f: BinaryIO) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-            def add(arcname: str, data: bytes) -> None:
-                info = zipfile.ZipInfo(f"{name}/{arcname}", date_time=_ZIP_DATE)
+            for rel in sorted(set(files) | set(filled)):
+                info = zipfile.ZipInfo(f"{name}/{rel}", date_time=_ZIP_DATE)
                 info.compress_type = zipfile.ZIP_DEFLATED
                 info.external_attr = 0o644 << 16
-                zf.writestr(info, data)
-
-            for rel in sorted(files + ["large_files.yml"]):
-                add(rel, large_files.encode() if rel == "large_files.yml" else (bundle / rel).read_bytes())
+                zf.writestr(info, filled[rel].encode() if rel in filled else (bundle / rel).read_bytes())
 
     atomic_write(zip_path, write_zip)
-    if weights_out is not None:
-        atomic_write_bytes(weights_out, weights.read_bytes())
+    atomic_write_bytes(weights_out, weights.read_bytes())
 
     # model_info.json as MONAI reads it: monai.bundle.scripts._get_all_bundles_info (1.6.1, any tag but
     # "hosting_storage_v1") loads https://raw.githubusercontent.com/<owner>/<repo>/<tag>/models/model_info.json,
     # takes the bundle name and version from each key "<name>_v<version>" and the download URL from its "source";
     # get_bundle_versions/_get_latest_bundle_version (download(source="github") without --version) pick the
     # latest version from those keys. MONAI does not read "checksum"; the Model Zoo's CI
-    # (Project-MONAI/model-zoo ci/update_model_info.py) writes the sha1 of the zip there, and so do we.
+    # (Project-MONAI/model-zoo ci/update_model_info.py) writes the sha1 of the zip there, and so do we; "model_sha256"
+    # is the weights' checksum, the same as hash_val in large_files.yml.
     sha1 = _sha(zip_path, "sha1")
     source = _join_url(base_url, zip_path.name) if base_url else zip_path.as_uri()
-    info_path = out / "model_info.json"
-    model_info: dict[str, Any] = {}
+    info_path = Path(model_info).resolve() if model_info else out / "model_info.json"
+    entries: dict[str, Any] = {}
     if info_path.is_file():
-        with open(info_path) as f:
-            model_info = json.load(f)
-    model_info[release] = {"checksum": sha1, "source": source}
-    atomic_write_text(info_path, json.dumps(model_info, indent=4, sort_keys=True) + "\n")
+        try:
+            entries = json.loads(info_path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{info_path}: not valid JSON ({e}); fix or remove it, then package again.") from None
+    entries[release] = {"checksum": sha1, "source": source, "model_sha256": weights_sha256}
+    atomic_write_text(info_path, json.dumps(entries, indent=4, sort_keys=True) + "\n")
 
     return {
         "name": name,
@@ -227,31 +281,43 @@ def package_bundle(
         "sha256": _sha(zip_path, "sha256"),
         "source": source,
         "model_info": str(info_path),
-        "weights": str(weights_out) if weights_out else None,
+        "weights": str(weights_out),
         "weights_sha256": weights_sha256,
+        "weights_url": weights_url,
         "large_files": large_files,
-        "files": [f"{name}/{rel}" for rel in sorted(files + ["large_files.yml"])],
+        "eval_metrics": metadata["eval_metrics"],
+        "files": [f"{name}/{rel}" for rel in sorted(set(files) | set(filled))],
     }
 
 
 def package_command(
-    bundle: str, out: str = "release", include_weights: bool = True, base_url: str | None = None
+    bundle: str,
+    out: str = "release",
+    include_weights: bool = True,
+    base_url: str | None = DEFAULT_BASE_URL,
+    model_info: str | None = None,
+    update_bundle: bool = True,
 ) -> None:
-    """``relkd package --bundle B --out DIR [--include_weights False --base_url URL]``: the release files of a bundle.
+    """``relkd package --bundle B --out DIR [--include_weights False --base_url URL --model_info F]``: the release
+    files of a bundle.
 
     ``bundle`` is a bundle folder, or the name of one in ``./bundles`` (e.g. ``prostate_mri_student_enet``).
-    Prints what to upload and how users download it (see ``docs/release.md``).
+    ``base_url`` defaults to the project's GitHub release of this version (:data:`DEFAULT_BASE_URL`); ``--base_url
+    ''`` makes a local release (``file://`` URIs). Prints what to upload and how users download it (see
+    ``docs/release.md``).
     """
     path = Path(bundle)
     if not (path / "configs" / "metadata.json").is_file():
         from monai_relkd.demo import find_bundles_dir
 
         path = find_bundles_dir() / bundle
-    result = package_bundle(path, out, include_weights=include_weights, base_url=base_url)
+    result = package_bundle(path, out, include_weights=include_weights, base_url=base_url or None,
+                            model_info=model_info, update_bundle=update_bundle)
     print(f"relkd package: {result['name']} {result['version']}")
     print(f"  zip            {result['zip']}  (sha1 {result['sha1']})")
-    if result["weights"]:
-        print(f"  weights        {result['weights']}  (sha256 {result['weights_sha256']}, listed in large_files.yml)")
+    print(f"  weights        {result['weights']}  (sha256 {result['weights_sha256']}, url {result['weights_url']})")
     print(f"  model_info     {result['model_info']}  (source {result['source']})")
-    upload = [Path(result["zip"]).name] + ([Path(result["weights"]).name] if result["weights"] else [])
-    print(f"upload {' and '.join(upload)}; commit model_info.json as models/model_info.json (docs/release.md).")
+    print(f"  eval_metrics   {json.dumps(result['eval_metrics'])}")
+    upload = [Path(result["zip"]).name, Path(result["weights"]).name]
+    print(f"upload {' and '.join(upload)} to {base_url or Path(result['zip']).parent}; commit the bundle's "
+          "large_files.yml and configs/metadata.json, and model_info.json as models/model_info.json (docs/release.md).")
