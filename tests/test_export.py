@@ -132,7 +132,8 @@ def test_inference_onnx_segments_like_the_eager_inference(bundle, tmp_path):
         config_file = str([str(path / "configs" / c) for c in configs]).replace('"', "'")
         out = tmp_path / variant
         proc = subprocess.run(
-            [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file, "--input_path", str(image),
+            [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file, "--bundle_root", str(path),
+             "--input_path", str(image),
              "--image_size", str(IMAGE_SIZE), "--output_dir", str(out), "--device", "cpu"],
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

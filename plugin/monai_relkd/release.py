@@ -63,7 +63,8 @@ _EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".tmp")
 _ZIP_DATE = (2022, 5, 30, 0, 0, 0)
 
 _HOWTO_TRAIN = (
-    "Train it first: `python -m monai.bundle run training --config_file {configs}/train.json` "
+    "Train it first: `python -m monai.bundle run training --config_file {configs}/train.json "
+    "--bundle_root {bundle}` "
     "(a student needs the teacher's models/model.pt, see its docs/README.md), or copy a trained model.pt there."
 )
 
@@ -218,7 +219,8 @@ def package_bundle(
     if not weights.is_file():
         raise FileNotFoundError(
             f"{weights} does not exist: the release of {name} {version} needs its trained weights (in the zip, or "
-            "beside it with their sha256 in large_files.yml). " + _HOWTO_TRAIN.format(configs=bundle / "configs")
+            "beside it with their sha256 in large_files.yml). "
+            + _HOWTO_TRAIN.format(configs=bundle / "configs", bundle=bundle)
         )
 
     files = _release_files(bundle, include_weights)
