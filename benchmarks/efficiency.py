@@ -291,12 +291,14 @@ def _cli_seconds(bundle: Path, configs: List[str], image: Path, out: Path, sw: i
 
     config_file = str([str(bundle / "configs" / c) for c in configs]).replace('"', "'")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file, "--input_path", str(image),
-           "--output_dir", str(out), "--device", "cpu", "--inferer#sw_batch_size", str(sw)]
+           "--output_dir", str(out), "--device", "cpu", "--inferer#sw_batch_size", str(sw), "--bundle_root", str(bundle)]
     for key, value in override.items():
         cmd += [f"--{key}", str(value)]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
 
 
