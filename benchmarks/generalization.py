@@ -55,6 +55,8 @@ benchmark resumes where it stopped. Examples::
     python benchmarks/generalization.py --rows full_minus_aa,full_minus_km --seeds 0 --out /work/runs/loso
     python benchmarks/generalization.py --dry_run                                 # the plan and a time estimate
     python benchmarks/generalization.py --teacher_seed each --out /work/runs/loso # a teacher per fold and seed
+    python benchmarks/generalization.py --rows gkd --folds UCL --seeds 0 --out DIR \
+        --merge docs/generalization/results.json      # new cells joined with the committed ones in DIR/report.md
 
 Each ``cell.json`` records where the cell's time went (``timing``: training, validation and held-out evaluation
 seconds, with their counts) and the machine's load average, so the first cells of a run tell how long the rest
@@ -118,7 +120,7 @@ def distils(row: str) -> bool:
     return ROWS[row][1] != LAMBDAS or len(config_files(row)) > 1
 
 DEFAULTS: dict[str, Any] = dict(
-    folds="HK,UCL,BMC", seeds="0,1,2", rows=",".join(STANDARD_ROWS), scale=1.0, size=96, image_size=64,
+    folds="HK,UCL,BMC", seeds="0,1,2", rows=",".join(STANDARD_ROWS), scale=1.0, size=96, image_size=48,
     student_steps=800, teacher_steps=600, val_every=100, last_k=3, batch_size=16, num_samples=4, teacher_seed=0,
 )
 QUICK: dict[str, Any] = dict(
@@ -164,6 +166,7 @@ class Settings:
     data_seed: int = 0
     bundles: str | None = None
     force: bool = False
+    merge: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def cell_settings(self, row: str) -> dict[str, Any]:
@@ -401,11 +404,35 @@ def _done(cell_dir: Path, settings: dict[str, Any]) -> dict | None:
     return cell if cell.get("settings") == json.loads(json.dumps(settings)) else None
 
 
+def _sorted_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    order = {r: i for i, r in enumerate(("teacher", *ROWS))}
+    return sorted(records, key=lambda r: (r["fold"], r["seed"], order.get(r["row"], 99)))
+
+
 def collect(out: Path) -> list[dict[str, Any]]:
     """Every finished cell's record under ``out/cells``, sorted by fold, seed and row order."""
-    order = {r: i for i, r in enumerate(("teacher", *ROWS))}
-    records = [json.loads(p.read_text())["record"] for p in sorted((out / "cells").glob("*/*/cell.json"))]
-    return sorted(records, key=lambda r: (r["fold"], r["seed"], order.get(r["row"], 99)))
+    return _sorted_records([json.loads(p.read_text())["record"] for p in sorted((out / "cells").glob("*/*/cell.json"))])
+
+
+def merge_records(earlier: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``earlier`` (e.g. a committed ``results.json``) with each (fold, seed, row) of ``records`` added or replaced."""
+    key = lambda r: (r["fold"], int(r["seed"]), r["row"])  # noqa: E731
+    merged = {key(r): r for r in earlier}
+    merged.update({key(r): r for r in records})
+    return _sorted_records(list(merged.values()))
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``results.json``, checked to be a list of cell records; the error names the file."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read a results.json ({err})") from err
+    need = {"fold", "seed", "row", "score"}
+    if not isinstance(records, list) or not all(isinstance(r, dict) and need <= set(r) for r in records):
+        raise ValueError(f"{path}: expected a JSON list of cell records with keys {sorted(need)}")
+    return records
 
 
 def fsd_table(records: Sequence[dict[str, Any]]) -> str:
@@ -427,6 +454,8 @@ def write_outputs(s: Settings, fold_seeds: Sequence[tuple[str, int]]) -> list[di
     from monai_relkd.reports.plots import plot_training_curves
 
     records = collect(s.out)
+    if s.merge:
+        records = merge_records(load_records(s.merge), records)
     atomic_write_json(s.out / "results.json", records)
     for fold, seed in fold_seeds:
         curves = {}
@@ -569,7 +598,7 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
          val_every: int | None = None, last_k: int | None = None, batch_size: int | None = None,
          num_samples: int | None = None, cache: bool = True, teacher_seed: int | str | None = None,
          data: str | None = None, data_seed: int = 0,
-         bundles: str | None = None, force: bool = False, dry_run: bool = False) -> None:
+         bundles: str | None = None, force: bool = False, merge: str | None = None, dry_run: bool = False) -> None:
     """Run the benchmark (see the module docstring); ``--dry_run`` prints the plan and the estimate only.
 
     Args:
@@ -589,12 +618,17 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
             cases that other seeds hold out for validation; the held-out site, and so the score, is unaffected.
         data: a six-site data folder instead of the synthetic set; data_seed: seed of the synthetic set.
         bundles: folder holding the bundles. force: re-run finished cells.
+        merge: an earlier ``results.json`` (e.g. ``docs/generalization/results.json``) whose records are kept in
+            ``OUT/results.json`` and ``OUT/report.md`` where this run has no cell of the same (fold, seed, row), so
+            cells run later or elsewhere join the committed table; the file itself is only read.
     """
     s = make_settings(out, quick=quick, folds=folds, seeds=seeds, rows=rows, scale=scale, size=size,
                       image_size=image_size, student_steps=student_steps, teacher_steps=teacher_steps,
                       val_every=val_every, last_k=last_k, batch_size=batch_size, num_samples=num_samples,
                       cache=cache, teacher_seed=teacher_seed, data=data, data_seed=data_seed, bundles=bundles,
-                      force=force)
+                      force=force, merge=merge)
+    if s.merge:
+        load_records(s.merge)  # a bad file fails before hours of training, not after
     if dry_run:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()}, indent=1))
         print(f"rough estimate: {estimate_seconds(s) / 60:.0f} min on 2 CPU cores")

@@ -70,6 +70,31 @@ def test_quick_cells_write_records_and_are_not_rerun(gen, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/*/cell.json")} == before
     assert len(json.loads((out / "results.json").read_text())) == 3
 
+    # --merge: an earlier results.json joins the report; this run's cells replace its records of the same key
+    stale = {**records[1], "score": -1.0}
+    other = {**records[1], "fold": "UCL", "seed": 1, "score": 0.5}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps([other, stale]))
+    text = earlier.read_text()
+    gen.main(out=str(out), quick=True, rows="no_kd", merge=str(earlier))
+    merged = json.loads((out / "results.json").read_text())
+    assert [(r["fold"], r["seed"], r["row"]) for r in merged] == [
+        ("HK", 0, "teacher"), ("HK", 0, "no_kd"), ("HK", 0, "hinton"), ("UCL", 1, "no_kd")]
+    assert merged[1]["score"] == records[1]["score"] and merged[3]["score"] == 0.5
+    assert "| UCL | 1 | no_kd |" in (out / "report.md").read_text()
+    assert earlier.read_text() == text  # only read
+
+
+def test_merge_rejects_a_file_that_is_not_a_results_list(gen, tmp_path):
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps({"fold": "HK"}))
+    with pytest.raises(ValueError, match=f"{bad}: expected a JSON list"):
+        gen.main(out=str(tmp_path / "out"), quick=True, merge=str(bad), dry_run=True)
+    bad.write_text("[{")
+    with pytest.raises(ValueError, match=f"{bad}: cannot read"):
+        gen.load_records(bad)
+    assert not (tmp_path / "out").exists()
+
 
 def test_gkd_rows_add_their_config_and_read_the_teacher(gen):
     defaults = {"lambda_logits": 0.1, "lambda_km": 1.0, "lambda_aa": 1.0, "temperature": 4.0}
