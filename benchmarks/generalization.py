@@ -396,6 +396,64 @@ def _record(fold: str, seed: int, row: str, network: str, result: dict, dist: di
             "best_val_dice": max((d for _, d in result["curve"]), default=None)}
 
 
+def environment() -> dict[str, Any]:
+    """What a cell's numbers may depend on besides its settings: library versions, CPU model and torch's threads.
+
+    The same code and settings gave held-out Dice 0.694 here and 0.656 in an earlier environment (docs/results.md),
+    so each record carries this, and ``--check`` prints it beside a score that does not reproduce.
+    """
+    import monai
+    import numpy
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or "unknown")
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "cpu": cpu, "torch": torch.__version__, "monai": monai.__version__, "numpy": numpy.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def check_lines(reference: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]],
+                tolerance: float = 0.01) -> tuple[list[str], bool]:
+    """Each of ``records`` against the record of the same (fold, seed, row) in ``reference``.
+
+    Returns one line per compared cell (score here, score there, difference, and the environment keys that differ
+    where both records have one) and whether every compared score is within ``tolerance``. A cell that ``reference``
+    lacks is said so and does not count as a mismatch; no compared cell at all counts as one.
+    """
+    key = lambda r: (r["fold"], int(r["seed"]), r["row"])  # noqa: E731
+    ref = {key(r): r for r in reference}
+    lines, compared, ok = [], 0, True
+    for r in records:
+        other = ref.get(key(r))
+        name = f"{r['fold']} seed {r['seed']} {r['row']}"
+        if other is None or r["score"] is None or other["score"] is None:
+            lines.append(f"{name}: no score to compare in the reference")
+            continue
+        compared += 1
+        diff = r["score"] - other["score"]
+        within = abs(diff) <= tolerance
+        ok &= within
+        env_here, env_there = r.get("environment"), other.get("environment")
+        if env_here and env_there:
+            changed = [f"{k} {env_there.get(k)} -> {env_here.get(k)}" for k in sorted(set(env_here) | set(env_there))
+                       if env_here.get(k) != env_there.get(k)]
+            env = "same environment" if not changed else "environment differs: " + "; ".join(changed)
+        else:
+            env = "the reference does not record its environment"
+        verdict = "reproduced" if within else f"NOT reproduced (more than {tolerance})"
+        lines.append(f"{name}: {r['score']:.4f} here, {other['score']:.4f} in the reference, "
+                     f"difference {diff:+.4f}: {verdict}; {env}")
+    return lines, ok and compared > 0
+
+
 def _done(cell_dir: Path, settings: dict[str, Any]) -> dict | None:
     path = cell_dir / "cell.json"
     if not path.is_file():
@@ -567,7 +625,7 @@ def run(s: Settings) -> list[dict[str, Any]]:
                 t, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
                 result = run_cell(s, bundle, common, cell_dir, {**extra, **s.extra}, configs=configs)
                 record = _record(fold, seed, row, network, result, dist, time.perf_counter() - t)
-                record.update(extra_record)
+                record.update(extra_record, environment=environment())
                 record["fsd"] = cell_fsd(bundle, datalist_path, cell_dir / "models" / "model.pt", tap, s.image_size)
                 end = resource.getrusage(resource.RUSAGE_SELF)
                 record["cpu_seconds"] = round(end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)
@@ -576,8 +634,7 @@ def run(s: Settings) -> list[dict[str, Any]]:
                     "settings": settings, "overrides": {**extra, **s.extra}, "cache": result["cache"],
                     "timing": result["timing"], "load_average": os.getloadavg(),
                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                                "cpus": os.cpu_count()}})
+                    "machine": record["environment"]})
                 progress.done += 1
                 score = "–" if record["score"] is None else f"{record['score']:.3f}"
                 progress.line(f"{fold} seed {seed} | {row}: held-out Dice {score} (last {s.last_k} evaluations), "
@@ -598,7 +655,8 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
          val_every: int | None = None, last_k: int | None = None, batch_size: int | None = None,
          num_samples: int | None = None, cache: bool = True, teacher_seed: int | str | None = None,
          data: str | None = None, data_seed: int = 0,
-         bundles: str | None = None, force: bool = False, merge: str | None = None, dry_run: bool = False) -> None:
+         bundles: str | None = None, force: bool = False, merge: str | None = None, check: str | None = None,
+         dry_run: bool = False) -> None:
     """Run the benchmark (see the module docstring); ``--dry_run`` prints the plan and the estimate only.
 
     Args:
@@ -621,19 +679,31 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
         merge: an earlier ``results.json`` (e.g. ``docs/generalization/results.json``) whose records are kept in
             ``OUT/results.json`` and ``OUT/report.md`` where this run has no cell of the same (fold, seed, row), so
             cells run later or elsewhere join the committed table; the file itself is only read.
+        check: a ``results.json`` to compare this run's cells with (e.g. the committed one, after re-running one
+            cell): per cell the two scores, their difference and any difference of environment are printed and
+            written to ``OUT/check.txt``; the command exits with status 1 if a score differs by more than 0.01.
     """
     s = make_settings(out, quick=quick, folds=folds, seeds=seeds, rows=rows, scale=scale, size=size,
                       image_size=image_size, student_steps=student_steps, teacher_steps=teacher_steps,
                       val_every=val_every, last_k=last_k, batch_size=batch_size, num_samples=num_samples,
                       cache=cache, teacher_seed=teacher_seed, data=data, data_seed=data_seed, bundles=bundles,
                       force=force, merge=merge)
+    reference = load_records(check) if check else None  # a bad file fails before hours of training, not after
     if s.merge:
-        load_records(s.merge)  # a bad file fails before hours of training, not after
+        load_records(s.merge)
     if dry_run:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()}, indent=1))
         print(f"rough estimate: {estimate_seconds(s) / 60:.0f} min on 2 CPU cores")
         return
-    run(s)
+    records = run(s)
+    if reference is not None:
+        ran = {(f, sd, r) for f in s.folds for sd in s.seeds for r in s.rows}
+        lines, ok = check_lines(reference, [r for r in records if (r["fold"], r["seed"], r["row"]) in ran])
+        text = f"check against {check}:\n" + "\n".join(lines) + "\n"
+        atomic_write_text(s.out / "check.txt", text)
+        print(text, end="", flush=True)
+        if not ok:
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,39 @@ def test_quick_cells_write_records_and_are_not_rerun(gen, tmp_path, capsys):
     assert "| UCL | 1 | no_kd |" in (out / "report.md").read_text()
     assert earlier.read_text() == text  # only read
 
+    # --check: the re-run of a cell against a results.json; each record carries its environment
+    env = records[1]["environment"]
+    assert {"torch", "monai", "numpy", "cpu", "torch_threads"} <= set(env)
+    capsys.readouterr()
+    gen.main(out=str(out), quick=True, rows="no_kd", check=str(out / "results.json"))
+    printed = capsys.readouterr().out
+    assert "HK seed 0 no_kd" in printed and "reproduced; same environment" in printed
+    assert (out / "check.txt").read_text().endswith("same environment\n")
+    shifted = tmp_path / "shifted.json"
+    shifted.write_text(json.dumps([{**records[1], "score": records[1]["score"] + 0.02,
+                                    "environment": {**env, "torch": "0.0"}}]))
+    with pytest.raises(SystemExit) as exc:
+        gen.main(out=str(out), quick=True, rows="no_kd", check=str(shifted))
+    assert exc.value.code == 1
+    assert "NOT reproduced" in capsys.readouterr().out
+    assert f"torch 0.0 -> {env['torch']}" in (out / "check.txt").read_text()
+
+
+def test_check_lines_compare_scores_and_environments(gen):
+    ref = [{"fold": "HK", "seed": 0, "row": "no_kd", "score": 0.656},
+           {"fold": "HK", "seed": 1, "row": "no_kd", "score": 0.700, "environment": {"torch": "a", "cpus": 2}}]
+    here = [{"fold": "HK", "seed": 0, "row": "no_kd", "score": 0.694},
+            {"fold": "HK", "seed": 1, "row": "no_kd", "score": 0.705, "environment": {"torch": "b", "cpus": 2}},
+            {"fold": "UCL", "seed": 0, "row": "no_kd", "score": 0.7}]
+    lines, ok = gen.check_lines(ref, here)
+    assert not ok
+    assert lines[0].startswith("HK seed 0 no_kd: 0.6940 here, 0.6560 in the reference, difference +0.0380: NOT")
+    assert "does not record its environment" in lines[0]
+    assert "+0.0050: reproduced; environment differs: torch a -> b" in lines[1]
+    assert lines[2] == "UCL seed 0 no_kd: no score to compare in the reference"
+    assert gen.check_lines(ref, here[1:])[1] is True
+    assert gen.check_lines(ref, here[2:])[1] is False  # nothing compared is not a reproduction
+
 
 def test_merge_rejects_a_file_that_is_not_a_results_list(gen, tmp_path):
     bad = tmp_path / "results.json"
