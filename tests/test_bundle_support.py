@@ -22,14 +22,20 @@ REPO = Path(__file__).resolve().parents[1]
 ALL_BUNDLES = sorted(p for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 
 
-@pytest.mark.parametrize("config", ["train.json", "inference.json"])
-@pytest.mark.parametrize("bundle", ALL_BUNDLES, ids=[b.name for b in ALL_BUNDLES])
+#: every runnable config (with the variants merged over it) of every bundle
+RUNNABLE = [(b, configs) for b in ALL_BUNDLES
+            for configs in (("train.json",), ("inference.json",), ("inference.json", "inference_onnx.json"))
+            if all((b / "configs" / c).is_file() for c in configs)]
+
+
+@pytest.mark.parametrize("bundle, configs", RUNNABLE, ids=[f"{b.name}:{'+'.join(c)}" for b, c in RUNNABLE])
 def test_a_bundle_run_from_another_folder_stops_with_how_to_pass_bundle_root_and_writes_nothing(
-        bundle, config, tmp_path, monkeypatch):
+        bundle, configs, tmp_path, monkeypatch):
     from monai.bundle import ConfigWorkflow
 
     monkeypatch.chdir(tmp_path)
-    wf = ConfigWorkflow(config_file=str(bundle / "configs" / config), logging_file=False, workflow_type=None)
+    wf = ConfigWorkflow(config_file=[str(bundle / "configs" / c) for c in configs], logging_file=False,
+                        workflow_type=None)
     with pytest.raises(Exception) as err:
         wf.initialize()
     text = repr(err.value) + repr(err.value.__cause__)
