@@ -51,6 +51,26 @@ def check_bundle_root(path: str | os.PathLike) -> str:
     )
 
 
+def inference_parser(bundle_dir: str | os.PathLike, **override: Any) -> Any:
+    """A ``monai.bundle.ConfigParser`` holding ``bundle_dir/configs/inference.json`` with ``bundle_root`` set to
+    ``bundle_dir`` and each keyword of ``override`` set on it (e.g. ``image_size=64``); nothing is parsed yet.
+
+    Raises:
+        FileNotFoundError: the folder has no ``configs/inference.json`` (the message names both).
+    """
+    from monai.bundle import ConfigParser
+
+    config = Path(bundle_dir) / "configs" / "inference.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} does not exist: {bundle_dir} is not a bundle with an inference config.")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser["bundle_root"] = str(bundle_dir)
+    for key, value in override.items():
+        parser[key] = value
+    return parser
+
+
 def default_dataset_dir(scale: float = 0.5, size: int = 128, seed: int = 0) -> str:
     """Return the embedded synthetic six-site data set, generating it on first use.
 

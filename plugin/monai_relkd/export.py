@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from monai_relkd.bundle_support import inference_parser
 from monai_relkd.data._io import atomic_write_bytes
 
 __all__ = ["export_bundle", "export_command", "load_bundle_network", "volume_slices", "ExportMismatch", "FORMATS",
@@ -52,26 +53,12 @@ class ExportMismatch(ValueError):
     """The exported model's output differs from the eager model's by more than the tolerance."""
 
 
-def _parser(bundle: Path, **override: Any) -> Any:
-    from monai.bundle import ConfigParser
-
-    config = bundle / "configs" / "inference.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} does not exist: {bundle} is not a bundle with an inference config.")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["bundle_root"] = str(bundle)
-    for key, value in override.items():
-        parser[key] = value
-    return parser
-
-
 def load_bundle_network(bundle_dir: str | os.PathLike, weights: str | os.PathLike | None = None) -> torch.nn.Module:
     """The bundle's ``network_def`` on the CPU in eval mode, with ``models/model.pt`` (or ``weights``) loaded."""
     from monai_relkd.inference import load_checked_weights
 
     bundle = Path(bundle_dir).resolve()
-    network = _parser(bundle).get_parsed_content("network_def", instantiate=True)
+    network = inference_parser(bundle).get_parsed_content("network_def", instantiate=True)
     network.load_state_dict(load_checked_weights(weights or bundle / "models" / "model.pt", network))
     return network.eval()
 
@@ -79,7 +66,7 @@ def load_bundle_network(bundle_dir: str | os.PathLike, weights: str | os.PathLik
 def volume_slices(bundle_dir: str | os.PathLike, image: str | os.PathLike, image_size: int | None = None) -> torch.Tensor:
     """One NIfTI volume preprocessed by the bundle's ``inference.json``, as its axial slices ``(D, 1, H, W)``."""
     override = {} if image_size is None else {"image_size": int(image_size)}
-    parser = _parser(Path(bundle_dir).resolve(), **override)
+    parser = inference_parser(Path(bundle_dir).resolve(), **override)
     preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
     volume = torch.as_tensor(preprocessing({"image": str(image)})["image"]).float()  # (1, H, W, D)
     if volume.ndim != 4 or volume.shape[0] != 1:
@@ -90,7 +77,7 @@ def volume_slices(bundle_dir: str | os.PathLike, image: str | os.PathLike, image
 def _first_image(bundle: Path) -> str:
     from monai_relkd.inference import inference_datalist
 
-    parser = _parser(bundle)
+    parser = inference_parser(bundle)
     return inference_datalist(parser.get_parsed_content("input_path"), parser["output_postfix"])[0]["image"]
 
 

@@ -231,15 +231,10 @@ def _load_weights(network: nn.Module, ckpt: Path) -> None:
 
 
 def _bundle_parts(bundle_dir: Path, image_size: int) -> tuple[nn.Module, Any]:
-    from monai.bundle import ConfigParser
+    from monai_relkd.bundle_support import inference_parser
 
     config = bundle_dir / "configs" / "inference.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{bundle_dir} is not a bundle: {config} not found.")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["bundle_root"] = str(bundle_dir)
-    parser["image_size"] = int(image_size)
+    parser = inference_parser(bundle_dir, image_size=int(image_size))
     for key in ("network_def", "preprocessing"):
         if key not in parser:
             raise ValueError(f"{config} defines no '{key}'.")

@@ -151,6 +151,12 @@ class _MSANPairLoss(_Loss):
     def __init__(
         self, student_msan: AlignmentNetwork, teacher_msan: AlignmentNetwork, reduction: LossReduction | str
     ) -> None:
+        """
+        Args (shared by the subclasses):
+            student_msan: the student's alignment network (trained with the student).
+            teacher_msan: the teacher's pre-trained alignment network (frozen here).
+            reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample values).
+        """
         super().__init__(reduction=check_reduction(reduction))
         _check_msan("student_msan", student_msan)
         _check_msan("teacher_msan", teacher_msan)
@@ -214,23 +220,16 @@ class ContrastiveGraphDistillationLoss(_MSANPairLoss):
         >>> value = loss(torch.randn(8, 16, 32, 32), torch.randn(8, 64, 16, 16))
     """
 
-    def __init__(
-        self,
-        student_msan: AlignmentNetwork,
-        teacher_msan: AlignmentNetwork,
-        temperature: float = 0.1,
-        w_intra: float = 1.0,
-        w_inter: float = 1.0,
-        reduction: LossReduction | str = LossReduction.MEAN,
-    ) -> None:
+    def __init__(self, student_msan: AlignmentNetwork, teacher_msan: AlignmentNetwork, temperature: float = 0.1,
+                 w_intra: float = 1.0, w_inter: float = 1.0,
+                 reduction: LossReduction | str = LossReduction.MEAN) -> None:
         """
+        ``student_msan``, ``teacher_msan`` and ``reduction`` as in :class:`_MSANPairLoss`; besides:
+
         Args:
-            student_msan: the student's alignment network (trained with the student).
-            teacher_msan: the teacher's pre-trained alignment network (frozen here).
             temperature: τ > 0 of both graphs.
             w_intra: weight (>= 0) of the intra-coupling (teacher–student InfoNCE) term.
             w_inter: weight (>= 0) of the inter-coupling (graph KL) term.
-            reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         """
         super().__init__(student_msan, teacher_msan, reduction)
         if not check_weight("temperature", temperature) > 0:
@@ -271,21 +270,15 @@ class CrossDistillationLoss(_MSANPairLoss):
         >>> value = loss(torch.randn(8, 16, 32, 32), torch.randn(8, 64, 16, 16))
     """
 
-    def __init__(
-        self,
-        student_msan: AlignmentNetwork,
-        teacher_msan: AlignmentNetwork,
-        w_teacher_decoder: float = 1.0,
-        w_student_decoder: float = 1.0,
-        reduction: LossReduction | str = LossReduction.MEAN,
-    ) -> None:
+    def __init__(self, student_msan: AlignmentNetwork, teacher_msan: AlignmentNetwork,
+                 w_teacher_decoder: float = 1.0, w_student_decoder: float = 1.0,
+                 reduction: LossReduction | str = LossReduction.MEAN) -> None:
         """
+        ``student_msan``, ``teacher_msan`` and ``reduction`` as in :class:`_MSANPairLoss`; besides:
+
         Args:
-            student_msan: the student's alignment network (trained with the student).
-            teacher_msan: the teacher's pre-trained alignment network (frozen here).
             w_teacher_decoder: weight (>= 0) of the teacher-decoder term (supervises the student's encoder).
             w_student_decoder: weight (>= 0) of the student-decoder term (supervises the student's decoder).
-            reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         """
         super().__init__(student_msan, teacher_msan, reduction)
         self.w_teacher_decoder = check_weight("w_teacher_decoder", w_teacher_decoder)
