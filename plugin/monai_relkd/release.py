@@ -171,6 +171,84 @@ def _join_url(base_url: str, name: str) -> str:
     return base_url.rstrip("/") + "/" + name
 
 
+def _require_weights(bundle: Path, name: str, version: str) -> Path:
+    """The bundle's ``models/model.pt``; FileNotFoundError, saying how to train it, when it is missing."""
+    weights = bundle / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{weights} does not exist: the release of {name} {version} needs its trained weights (in the zip, or "
+            "beside it with their sha256 in large_files.yml). "
+            + _HOWTO_TRAIN.format(configs=bundle / "configs", bundle=bundle)
+        )
+    return weights
+
+
+def _checked_release_files(bundle: Path, weights: Path, include_weights: bool) -> list[str]:
+    """The zip's files (:func:`_release_files`), once no link leads out of the bundle and the weights load."""
+    files = _release_files(bundle, include_weights)
+    _check_links(bundle, files + [WEIGHTS])
+    # refuse a truncated/corrupt model.pt or one of another network (torch.load with weights_only=True)
+    load_checked_weights(weights, _network_of(bundle))
+    return files
+
+
+def _release_url(base_url: str | None, path: Path) -> str:
+    """Where a release file is downloaded from: ``<base_url>/<its name>``, or its ``file://`` URI without one."""
+    return _join_url(base_url, path.name) if base_url else path.as_uri()
+
+
+def _filled_files(metadata: dict[str, Any], eval_metrics: dict[str, Any], weights_url: str,
+                  weights_sha256: str) -> dict[str, str]:
+    """``{relative path: text}`` of the files the release rewrites: ``large_files.yml``, ``configs/metadata.json``."""
+    # monai.bundle.scripts.download_large_files (1.6.1) calls monai.apps.download_url(url=, filepath=<path>,
+    # hash_val=, hash_type=) with each entry; with the file present and its hash right it skips the download.
+    large_files = _large_files_yml({"path": WEIGHTS, "url": weights_url, "hash_val": weights_sha256,
+                                    "hash_type": "sha256"})
+    metadata = dict(metadata, eval_metrics=eval_metrics)
+    return {"large_files.yml": large_files, "configs/metadata.json": _json_text(metadata)}
+
+
+def _update_bundle_files(bundle: Path, filled: dict[str, str], base_url: str | None) -> None:
+    """Write the rewritten files into the bundle folder where they differ or are missing."""
+    # a local release (no base_url) leaves the bundle's large_files.yml alone: file:// URIs are no place to publish
+    for rel, text in ((r, t) for r, t in filled.items() if base_url or r != "large_files.yml"):
+        if not (bundle / rel).is_file() or (bundle / rel).read_text() != text:
+            atomic_write_text(bundle / rel, text)
+
+
+def _write_zip(zip_path: Path, name: str, bundle: Path, entries: list[str], filled: dict[str, str]) -> None:
+    """Write ``entries`` (sorted relative paths, from ``filled`` or the bundle) under ``<name>/``, fixed date/mode."""
+
+    def write_zip(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+            for rel in entries:
+                info = zipfile.ZipInfo(f"{name}/{rel}", date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, filled[rel].encode() if rel in filled else (bundle / rel).read_bytes())
+
+    atomic_write(zip_path, write_zip)
+
+
+def _merge_model_info(info_path: Path, release: str, entry: dict[str, str]) -> None:
+    """Set ``<release>: entry`` in the ``model_info.json`` at ``info_path`` (created if missing; sorted keys)."""
+    # model_info.json as MONAI reads it: monai.bundle.scripts._get_all_bundles_info (1.6.1, any tag but
+    # "hosting_storage_v1") loads https://raw.githubusercontent.com/<owner>/<repo>/<tag>/models/model_info.json,
+    # takes the bundle name and version from each key "<name>_v<version>" and the download URL from its "source";
+    # get_bundle_versions/_get_latest_bundle_version (download(source="github") without --version) pick the
+    # latest version from those keys. MONAI does not read "checksum"; the Model Zoo's CI
+    # (Project-MONAI/model-zoo ci/update_model_info.py) writes the sha1 of the zip there, and so do we; "model_sha256"
+    # is the weights' checksum, the same as hash_val in large_files.yml.
+    entries: dict[str, Any] = {}
+    if info_path.is_file():
+        try:
+            entries = json.loads(info_path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{info_path}: not valid JSON ({e}); fix or remove it, then package again.") from None
+    entries[release] = entry
+    atomic_write_text(info_path, json.dumps(entries, indent=4, sort_keys=True) + "\n")
+
+
 def package_bundle(
     bundle_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -215,65 +293,26 @@ def package_bundle(
     metadata = validate_bundle_metadata(bundle)
     name, version = metadata["name"], metadata["version"]
     release = f"{name}_v{version}"
-    weights = bundle / WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"{weights} does not exist: the release of {name} {version} needs its trained weights (in the zip, or "
-            "beside it with their sha256 in large_files.yml). "
-            + _HOWTO_TRAIN.format(configs=bundle / "configs", bundle=bundle)
-        )
-
-    files = _release_files(bundle, include_weights)
-    _check_links(bundle, files + [WEIGHTS])
-    # refuse a truncated/corrupt model.pt or one of another network (torch.load with weights_only=True)
-    load_checked_weights(weights, _network_of(bundle))
+    weights = _require_weights(bundle, name, version)
+    files = _checked_release_files(bundle, weights, include_weights)
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     zip_path, weights_out = out / f"{release}.zip", out / f"{release}_model.pt"
     weights_sha256 = _sha(weights, "sha256")
-    weights_url = _join_url(base_url, weights_out.name) if base_url else weights_out.as_uri()
-    # monai.bundle.scripts.download_large_files (1.6.1) calls monai.apps.download_url(url=, filepath=<path>,
-    # hash_val=, hash_type=) with each entry; with the file present and its hash right it skips the download.
-    large_files = _large_files_yml({"path": WEIGHTS, "url": weights_url, "hash_val": weights_sha256,
-                                    "hash_type": "sha256"})
-    metadata = dict(metadata, eval_metrics=eval_metrics_of(bundle) or {"mean_dice": None})
-    filled = {"large_files.yml": large_files, "configs/metadata.json": _json_text(metadata)}
+    weights_url = _release_url(base_url, weights_out)
+    eval_metrics = eval_metrics_of(bundle) or {"mean_dice": None}
+    filled = _filled_files(metadata, eval_metrics, weights_url, weights_sha256)
     if update_bundle:
-        # a local release (no base_url) leaves the bundle's large_files.yml alone: file:// URIs are no place to publish
-        for rel, text in ((r, t) for r, t in filled.items() if base_url or r != "large_files.yml"):
-            if not (bundle / rel).is_file() or (bundle / rel).read_text() != text:
-                atomic_write_text(bundle / rel, text)
-
-    def write_zip(f: BinaryIO) -> None:
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-            for rel in sorted(set(files) | set(filled)):
-                info = zipfile.ZipInfo(f"{name}/{rel}", date_time=_ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, filled[rel].encode() if rel in filled else (bundle / rel).read_bytes())
-
-    atomic_write(zip_path, write_zip)
+        _update_bundle_files(bundle, filled, base_url)
+    entries = sorted(set(files) | set(filled))
+    _write_zip(zip_path, name, bundle, entries, filled)
     atomic_write_bytes(weights_out, weights.read_bytes())
 
-    # model_info.json as MONAI reads it: monai.bundle.scripts._get_all_bundles_info (1.6.1, any tag but
-    # "hosting_storage_v1") loads https://raw.githubusercontent.com/<owner>/<repo>/<tag>/models/model_info.json,
-    # takes the bundle name and version from each key "<name>_v<version>" and the download URL from its "source";
-    # get_bundle_versions/_get_latest_bundle_version (download(source="github") without --version) pick the
-    # latest version from those keys. MONAI does not read "checksum"; the Model Zoo's CI
-    # (Project-MONAI/model-zoo ci/update_model_info.py) writes the sha1 of the zip there, and so do we; "model_sha256"
-    # is the weights' checksum, the same as hash_val in large_files.yml.
     sha1 = _sha(zip_path, "sha1")
-    source = _join_url(base_url, zip_path.name) if base_url else zip_path.as_uri()
+    source = _release_url(base_url, zip_path)
     info_path = Path(model_info).resolve() if model_info else out / "model_info.json"
-    entries: dict[str, Any] = {}
-    if info_path.is_file():
-        try:
-            entries = json.loads(info_path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{info_path}: not valid JSON ({e}); fix or remove it, then package again.") from None
-    entries[release] = {"checksum": sha1, "source": source, "model_sha256": weights_sha256}
-    atomic_write_text(info_path, json.dumps(entries, indent=4, sort_keys=True) + "\n")
+    _merge_model_info(info_path, release, {"checksum": sha1, "source": source, "model_sha256": weights_sha256})
 
     return {
         "name": name,
@@ -286,9 +325,9 @@ def package_bundle(
         "weights": str(weights_out),
         "weights_sha256": weights_sha256,
         "weights_url": weights_url,
-        "large_files": large_files,
-        "eval_metrics": metadata["eval_metrics"],
-        "files": [f"{name}/{rel}" for rel in sorted(set(files) | set(filled))],
+        "large_files": filled["large_files.yml"],
+        "eval_metrics": eval_metrics,
+        "files": [f"{name}/{rel}" for rel in entries],
     }
 
 
