@@ -6,8 +6,8 @@ file are left untouched; the file is created if absent). On the shared 2-core ma
 
     flock /tmp/relkd-cpu.lock python benchmarks/efficiency.py
 
-Options: ``--shape 1,1,384,384 --repeats 20 --warmup 3 --threads N --results docs/results.md --json-out F
---no-write``.
+Options (python-fire; see ``--help``; ``--json-out`` and ``--json_out`` are the same option): ``--shape 1,1,384,384
+--repeats 20 --warmup 3 --threads N --results docs/results.md --json-out F --no-write``.
 
 Two more tables (issue 17), both measured in the same run as the first:
 
@@ -28,24 +28,24 @@ Two more tables (issue 17), both measured in the same run as the first:
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
 import os
 import platform
-import sys
-from pathlib import Path
-from typing import Any, Dict, List
-
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Union
 
+import fire
 import numpy as np
 import torch
 
+from monai_relkd.data._io import atomic_write_text
 from monai_relkd.profiling import measure_latency, parse_shape, profile_network, resolve_network
 
 START, END = "<!-- efficiency:start -->", "<!-- efficiency:end -->"
@@ -62,9 +62,13 @@ KEYS = {"teacher": (TEACHER[0], "prostate_mri_teacher"), "enet": (STUDENTS[0][0]
 BACKENDS = ("eager", "eager_folded", "eager_cl", "torchscript", "ort_basic", "ort_all")
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 PAPER_ENET_PARAMS, PAPER_ENET_G = 353_000, 2.2  # Loussaief et al. 2024 (arXiv:2404.02738)
+RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+#: a comma-separated option as python-fire hands it over: ``"a,b"``, ``("a", "b")``, ``"a"`` or ``2``
+ListArg = Union[str, int, Sequence[Union[str, int]]]
 
 
 def _table(rows: List[Dict[str, Any]], teacher_ms: float) -> str:
+    """The Markdown efficiency table of ``rows`` (the last column divides ``teacher_ms`` by each latency)."""
     lines = [
         "| network | params (M) | GMACs | GFLOPs (= 2×MACs) | CPU latency / slice, ms: median [IQR; min–max] "
         "| threads | peak RSS (MiB) | forward mem (MiB) | teacher / student latency |",
@@ -81,6 +85,7 @@ def _table(rows: List[Dict[str, Any]], teacher_ms: float) -> str:
 
 
 def _machine() -> str:
+    """One line describing the OS, CPU cores, GPU, torch and Python versions."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores (shared), {gpu}; "
@@ -89,6 +94,7 @@ def _machine() -> str:
 
 
 def _section(rows: List[Dict[str, Any]], table: str, command: str, shape: tuple) -> str:
+    """The efficiency section of ``docs/results.md``, markers included: command, machine, tables and notes."""
     enet = next(r for r in rows if r["network"] == "ENet")
     side = shape[-1] * math.sqrt(PAPER_ENET_G / enet["gmacs"])  # MACs scale with H*W
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -189,6 +195,7 @@ class _ChannelsLastInput(torch.nn.Module):
 
 
 def _backend_table(rows: List[Dict[str, Any]], backends: List[str]) -> str:
+    """The Markdown per-backend latency table of ``rows`` (:func:`backend_rows`) with the teacher/student ratios."""
     teacher = next((r for r in rows if r["key"] == "teacher"), None)
     head = "| network | " + " | ".join(f"{b} (ms)" for b in backends) + " | best | teacher / student, same backend "
     head += "| teacher best / student best |"
@@ -249,6 +256,7 @@ def volume_rows(keys: List[str], backends: List[str], dhw: tuple, sw_batch_sizes
 def _volume_rows(rows: List[Dict[str, Any]], onnx_config: Path, keys: List[str], backends: List[str], dhw: tuple,
                  sw_batch_sizes: List[int], repeats: int, threads: int | None,
                  image_size: int | None) -> List[Dict[str, Any]]:
+    """:func:`volume_rows` once torch's threads are set: appends to and returns ``rows``."""
     from monai_relkd.demo import run_bundle
     from monai_relkd.export import export_bundle
 
@@ -303,6 +311,7 @@ def _cli_seconds(bundle: Path, configs: List[str], image: Path, out: Path, sw: i
 
 
 def _volume_table(rows: List[Dict[str, Any]], dhw: tuple) -> str:
+    """The Markdown whole-volume table of ``rows`` (:func:`volume_rows`) for a volume of ``dhw`` voxels."""
     lines = [f"| network | backend | sw_batch_size | network in-plane size | {'×'.join(map(str, dhw))} NIfTI → mask, "
              "s: median (min), in-process | the same with `python -m monai.bundle run`, s (1 run, interpreter start "
              "included) |", "|---|---|---:|---|---:|---:|"]
@@ -322,67 +331,95 @@ def write_section(results_md: Path, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     results_md.parent.mkdir(parents=True, exist_ok=True)
-    results_md.write_text(text)
+    atomic_write_text(results_md, text)
 
 
-def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="1,1,384,384")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "docs" / "results.md"))
-    parser.add_argument("--json-out", default=None)
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs/results.md alone")
-    parser.add_argument("--networks", default="teacher,enet,espnet,erfnet")
-    parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--volume", default="24,384,384", help="D,H,W of the whole-volume row")
-    parser.add_argument("--volume_image_size", type=int, default=None)
-    parser.add_argument("--volume_backends", default="eager,onnxruntime")
-    parser.add_argument("--sw_batch_sizes", default="1,16")
-    parser.add_argument("--volume_repeats", type=int, default=3)
-    parser.add_argument("--no-volume", action="store_true")
-    args = parser.parse_args(argv)
-    shape = parse_shape(args.shape)
-    keys = [k.strip() for k in args.networks.split(",") if k.strip()]
-    unknown = sorted(set(keys) - set(KEYS)) + sorted(set(args.backends.split(",")) - set(BACKENDS))
+def _names(value: ListArg) -> List[str]:
+    """A comma-separated option as a list of strings: ``"a,b"``, fire's ``("a", "b")`` (fire reads ``--x a,b`` as a
+    tuple and ``--x 2`` as an int) or ``"a"``; blank entries are dropped."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _check_names(keys: List[str], backends: List[str]) -> None:
+    """Exit with status 2 (as argparse did) on an unknown ``--networks`` or ``--backends`` entry."""
+    unknown = sorted(set(keys) - set(KEYS)) + sorted(set(backends) - set(BACKENDS))
     if unknown:
-        parser.error(f"unknown network or backend {unknown}; networks: {sorted(KEYS)}, backends: {list(BACKENDS)}")
-    labels = [KEYS[k][0] for k in keys]
+        print(f"efficiency.py: error: unknown network or backend {unknown}; networks: {sorted(KEYS)}, "
+              f"backends: {list(BACKENDS)}", file=sys.stderr)
+        raise SystemExit(2)
 
+
+def network_rows(keys: List[str], shape: tuple, repeats: int, warmup: int,
+                 threads: int | None) -> List[Dict[str, Any]]:
+    """One efficiency row (:func:`monai_relkd.profiling.profile_network`) per network of ``keys``, teacher first."""
+    labels = [KEYS[k][0] for k in keys]
     rows = []
     for label, path, kwargs in [n for n in [TEACHER, *STUDENTS] if n[0] in labels]:
         print(f"profiling {label} ...", file=sys.stderr, flush=True)
-        rows.append(
-            profile_network(path, shape=shape, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                            name=label, **kwargs)
-        )
+        rows.append(profile_network(path, shape=shape, repeats=repeats, warmup=warmup, threads=threads, name=label,
+                                    **kwargs))
+    return rows
+
+
+def _command(argv: List[str]) -> str:
+    """The command line recorded in ``docs/results.md`` for the script's arguments ``argv``."""
+    return f"flock /tmp/relkd-cpu.lock python benchmarks/efficiency.py {' '.join(argv)}".strip()
+
+
+def main(*, shape: ListArg = "1,1,384,384", repeats: int = 20, warmup: int = 3, threads: int | None = None,
+         results: str = str(RESULTS_MD), json_out: str | None = None, no_write: bool = False,
+         networks: ListArg = "teacher,enet,espnet,erfnet", backends: ListArg = ",".join(BACKENDS),
+         volume: ListArg = "24,384,384", volume_image_size: int | None = None,
+         volume_backends: ListArg = "eager,onnxruntime", sw_batch_sizes: ListArg = "1,16", volume_repeats: int = 3,
+         no_volume: bool = False) -> None:
+    """Measure the teacher and the students, print the three tables and write them into ``docs/results.md``.
+
+    The tables and how they are measured are described in the module docstring of ``benchmarks/efficiency.py``.
+    Options are also spelled with hyphens (``--json-out``, ``--no-write``, ``--no-volume``, ...).
+
+    Args:
+        shape: input of the per-slice tables, B,C,H,W.
+        repeats: timed forwards per network (and per backend).
+        warmup: untimed forwards before them.
+        threads: torch's intra-op threads (and ONNX Runtime's) during the measurements; default: torch's own.
+        results: Markdown file whose efficiency section is replaced.
+        json_out: also write every row as JSON here.
+        no_write: print only, leave ``results`` alone.
+        networks: comma-separated networks of every table, from teacher, enet, espnet, erfnet.
+        backends: comma-separated backends of the per-backend table, from eager, eager_folded, eager_cl,
+            torchscript, ort_basic, ort_all.
+        volume: D,H,W of the whole-volume table's synthetic NIfTI volume.
+        volume_image_size: the bundle's in-plane network size in the whole-volume table; default: the bundle's own.
+        volume_backends: comma-separated backends of the whole-volume table, from eager, onnxruntime.
+        sw_batch_sizes: comma-separated slices per forward of ``SliceInferer`` in the whole-volume table.
+        volume_repeats: timed whole-volume runs (after one warm-up run).
+        no_volume: skip the whole-volume table.
+    """
+    keys, backend_list = _names(networks), _names(backends)
+    _check_names(keys, backend_list)
+    dims, dhw = parse_shape(shape), parse_shape("1,1," + ",".join(_names(volume)))[2:]
+    sw_sizes = [int(v) for v in _names(sw_batch_sizes)]
+    rows = network_rows(keys, dims, repeats, warmup, threads)
     table = _table(rows, rows[0]["latency_ms_median"])
     print(table)
-    backends = [b for b in args.backends.split(",") if b]
-    brows = backend_rows(keys, backends, shape, args.repeats, args.warmup, args.threads)
-    btable = _backend_table(brows, backends)
+    brows = backend_rows(keys, backend_list, dims, repeats, warmup, threads)
+    btable = _backend_table(brows, backend_list)
     print("\n" + btable)
+    table += "\n\nLatency of one slice per backend (ms, median):\n\n" + btable
     vrows: List[Dict[str, Any]] = []
-    dhw = parse_shape("1,1," + args.volume)[2:]
-    if not args.no_volume:
-        vrows = volume_rows(keys, args.volume_backends.split(","), dhw, [int(v) for v in args.sw_batch_sizes.split(",")],
-                            args.volume_repeats, args.threads, args.volume_image_size)
-        print("\n" + _volume_table(vrows, dhw))
-        table = table + "\n\nLatency of one slice per backend (ms, median):\n\n" + btable
-        table += "\n\nWhole volume, end to end:\n\n" + _volume_table(vrows, dhw)
-    else:
-        table = table + "\n\nLatency of one slice per backend (ms, median):\n\n" + btable
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"networks": rows, "backends": brows, "volume": vrows}, indent=2)
-                                       + "\n")
-    if not args.no_write:
-        given = " ".join(argv if argv is not None else sys.argv[1:])
-        command = f"flock /tmp/relkd-cpu.lock python benchmarks/efficiency.py {given}".strip()
-        write_section(Path(args.results), _section(rows, table, command, shape))
-        print(f"wrote the efficiency section of {args.results}", file=sys.stderr)
-    return 0
+    if not no_volume:
+        vrows = volume_rows(keys, _names(volume_backends), dhw, sw_sizes, volume_repeats, threads, volume_image_size)
+        vtable = _volume_table(vrows, dhw)
+        print("\n" + vtable)
+        table += "\n\nWhole volume, end to end:\n\n" + vtable
+    if json_out:
+        data = {"networks": rows, "backends": brows, "volume": vrows}
+        atomic_write_text(Path(str(json_out)), json.dumps(data, indent=2) + "\n")
+    if not no_write:
+        write_section(Path(str(results)), _section(rows, table, _command(sys.argv[1:]), dims))
+        print(f"wrote the efficiency section of {results}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    fire.Fire(main)
