@@ -216,14 +216,8 @@ class ENet(nn.Module):
     def feature_taps(cls, in_channels: int = 1, out_channels: int = 2) -> Dict[str, Tuple[int, int]]:
         """``{module_name: (channels, stride)}`` of the natural feature taps (see the class docstring)."""
         check_channels(in_channels, out_channels)
-        return {
-            "encoder.initial": (16, 2),
-            "encoder.stage1": (64, 4),
-            "encoder.stage2": (128, 8),
-            "encoder.stage3": (128, 8),
-            "decoder.stage4": (64, 4),
-            "decoder": (16, 2),
-        }
+        return {"encoder.initial": (16, 2), "encoder.stage1": (64, 4), "encoder.stage2": (128, 8),
+                "encoder.stage3": (128, 8), "decoder.stage4": (64, 4), "decoder": (16, 2)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, h, w = pad_to_multiple(x, 8)
