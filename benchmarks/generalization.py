@@ -167,6 +167,7 @@ class Settings:
     bundles: str | None = None
     force: bool = False
     merge: str | None = None
+    teacher_output_stride: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def cell_settings(self, row: str) -> dict[str, Any]:
@@ -178,7 +179,17 @@ class Settings:
                "data_seed": self.data_seed}
         if self.teacher_seed is not None and row != "teacher":
             out["teacher_seed"] = self.teacher_seed
+        if self.teacher_output_stride is not None and (row == "teacher" or distils(row)):
+            out["teacher_output_stride"] = self.teacher_output_stride
         return out
+
+    def teacher_overrides(self, row: str) -> dict[str, Any]:
+        """The bundle overrides that give the teacher row, and every student that builds the teacher to read it, the
+        teacher's ``output_stride`` (none: the bundles' own, 16)."""
+        if self.teacher_output_stride is None:
+            return {}
+        key = "network_def#output_stride" if row == "teacher" else "distillation#teacher#network_def#output_stride"
+        return {key: self.teacher_output_stride}
 
     def teacher_seeds(self) -> list[int]:
         """The seeds a teacher is trained for: every seed, or ``teacher_seed`` alone (shared by all seeds)."""
@@ -207,6 +218,8 @@ def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
     for name in ("student_steps", "teacher_steps", "val_every", "last_k", "image_size", "size", "batch_size"):
         if int(getattr(s, name)) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
+    if s.teacher_output_stride is not None and s.teacher_output_stride not in (8, 16):
+        raise ValueError(f"teacher_output_stride must be 8 or 16, got {s.teacher_output_stride!r}")
     if s.last_k * s.val_every > min(s.student_steps, s.teacher_steps) + s.val_every - 1:
         raise ValueError(f"last_k ({s.last_k}) evaluations every {s.val_every} steps do not fit in "
                          f"{min(s.student_steps, s.teacher_steps)} steps")
@@ -330,14 +343,16 @@ def _workflow(bundle: Path, configs: Sequence[str], run_id: str, override: dict[
     return workflow
 
 
-def pretrain_msan(bundle: Path, common: dict[str, Any], teacher_ckpt: str, msan_ckpt: Path) -> float:
+def pretrain_msan(bundle: Path, common: dict[str, Any], teacher_ckpt: str, msan_ckpt: Path,
+                  teacher_overrides: dict[str, Any] | None = None) -> float:
     """The fold teacher's MSAN (``gkd.json``'s ``pretrain_msan``), trained once and saved at ``msan_ckpt``;
-    returns the seconds it took (0 when it exists)."""
+    returns the seconds it took (0 when it exists). ``teacher_overrides``: see :meth:`Settings.teacher_overrides`."""
     if msan_ckpt.is_file():
         return 0.0
     t = time.perf_counter()
     workflow = _workflow(bundle, config_files("gkd"), "pretrain_msan",
-                         {**common, "teacher_ckpt": teacher_ckpt, "gkd#teacher_msan_ckpt": str(msan_ckpt)})
+                         {**common, "teacher_ckpt": teacher_ckpt, "gkd#teacher_msan_ckpt": str(msan_ckpt),
+                          **(teacher_overrides or {})})
     try:
         workflow.run()
     finally:
@@ -345,13 +360,16 @@ def pretrain_msan(bundle: Path, common: dict[str, Any], teacher_ckpt: str, msan_
     return time.perf_counter() - t
 
 
-def cell_fsd(bundle: Path, datalist: Path, ckpt: Path, tap: str, image_size: int) -> dict[str, Any] | None:
-    """FSD of a trained cell's ``ckpt`` at ``tap`` (None when the model was never written)."""
+def cell_fsd(bundle: Path, datalist: Path, ckpt: Path, tap: str, image_size: int,
+             network_overrides: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """FSD of a trained cell's ``ckpt`` at ``tap`` (None when the model was never written); ``network_overrides``:
+    the network arguments the cell was trained with where they differ from the bundle's."""
     from monai_relkd.evaluation import fsd_for_bundle
 
     if not ckpt.is_file():
         return None
-    r = fsd_for_bundle(bundle, datalist, tap=tap, ckpt=ckpt, image_size=image_size)
+    r = fsd_for_bundle(bundle, datalist, tap=tap, ckpt=ckpt, image_size=image_size,
+                       network_overrides=network_overrides)
     return {k: r[k] for k in ("fsd", "tap", "channels", "n_train", "n_test", "slices")}
 
 
@@ -599,7 +617,7 @@ def run(s: Settings) -> list[dict[str, Any]]:
                 extra_record: dict[str, Any] = {}
                 if row == "teacher":
                     bundle, network, dist = bundles / TEACHER, "deeplabv3plus", None
-                    extra: dict[str, Any] = {"num_steps": s.teacher_steps}
+                    extra: dict[str, Any] = {"num_steps": s.teacher_steps, **s.teacher_overrides(row)}
                     tap = "aspp"
                 else:
                     network = ROWS[row][0]
@@ -607,11 +625,11 @@ def run(s: Settings) -> list[dict[str, Any]]:
                     defaults = json.loads((bundle / "configs" / "train.json").read_text())["distillation"]
                     tap, configs = defaults["taps"][0]["student"], config_files(row)
                     extra = {"num_steps": s.student_steps, "teacher_ckpt": teacher_ckpt,
-                             **row_overrides(row, defaults)}
+                             **row_overrides(row, defaults), **(s.teacher_overrides(row) if distils(row) else {})}
                     if row in GKD_ROWS:
                         msan_ckpt = Path(teacher_ckpt).parent / "msan_teacher.pt"
                         progress.line(f"{fold} seed {seed} | {row}: the teacher's MSAN")
-                        msan_s = pretrain_msan(bundle, common, teacher_ckpt, msan_ckpt)
+                        msan_s = pretrain_msan(bundle, common, teacher_ckpt, msan_ckpt, s.teacher_overrides(row))
                         if msan_s:
                             progress.line(f"{fold}: teacher MSAN pre-trained in {msan_s / 60:.1f} min")
                             extra_record["msan_pretrain_seconds"] = round(msan_s, 1)
@@ -626,7 +644,8 @@ def run(s: Settings) -> list[dict[str, Any]]:
                 result = run_cell(s, bundle, common, cell_dir, {**extra, **s.extra}, configs=configs)
                 record = _record(fold, seed, row, network, result, dist, time.perf_counter() - t)
                 record.update(extra_record, environment=environment())
-                record["fsd"] = cell_fsd(bundle, datalist_path, cell_dir / "models" / "model.pt", tap, s.image_size)
+                record["fsd"] = cell_fsd(bundle, datalist_path, cell_dir / "models" / "model.pt", tap, s.image_size,
+                                         s.teacher_overrides(row) if row == "teacher" else None)
                 end = resource.getrusage(resource.RUSAGE_SELF)
                 record["cpu_seconds"] = round(end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime, 1)
                 atomic_write_json(cell_dir / "cell.json", {
@@ -656,7 +675,7 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
          num_samples: int | None = None, cache: bool = True, teacher_seed: int | str | None = None,
          data: str | None = None, data_seed: int = 0,
          bundles: str | None = None, force: bool = False, merge: str | None = None, check: str | None = None,
-         dry_run: bool = False) -> None:
+         teacher_output_stride: int | None = None, dry_run: bool = False) -> None:
     """Run the benchmark (see the module docstring); ``--dry_run`` prints the plan and the estimate only.
 
     Args:
@@ -679,6 +698,9 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
         merge: an earlier ``results.json`` (e.g. ``docs/generalization/results.json``) whose records are kept in
             ``OUT/results.json`` and ``OUT/report.md`` where this run has no cell of the same (fold, seed, row), so
             cells run later or elsewhere join the committed table; the file itself is only read.
+        teacher_output_stride: the teacher's DeepLabV3+ output stride, 8 or 16 (default: the teacher bundle's, 16);
+            given to the teacher row and to every student that builds the teacher to read it. At 48×48 inputs,
+            stride 16 leaves a 3×3 map to the ASPP.
         check: a ``results.json`` to compare this run's cells with (e.g. the committed one, after re-running one
             cell): per cell the two scores, their difference and any difference of environment are printed and
             written to ``OUT/check.txt``; the command exits with status 1 if a score differs by more than 0.01.
@@ -687,7 +709,7 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
                       image_size=image_size, student_steps=student_steps, teacher_steps=teacher_steps,
                       val_every=val_every, last_k=last_k, batch_size=batch_size, num_samples=num_samples,
                       cache=cache, teacher_seed=teacher_seed, data=data, data_seed=data_seed, bundles=bundles,
-                      force=force, merge=merge)
+                      force=force, merge=merge, teacher_output_stride=teacher_output_stride)
     reference = load_records(check) if check else None  # a bad file fails before hours of training, not after
     if s.merge:
         load_records(s.merge)

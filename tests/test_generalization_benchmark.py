@@ -152,3 +152,28 @@ def test_quick_gkd_cell_pretrains_the_teacher_msan_once_and_reports_fsd(gen, tmp
     assert all(records[row]["fsd"]["fsd"] >= 0 for row in records)
     report = (out / "report.md").read_text()
     assert "| gkd | 1 |" in report and "FSD" in report
+
+
+def test_teacher_output_stride_reaches_the_teacher_and_the_students_that_read_it(gen, tmp_path):
+    with pytest.raises(ValueError, match="teacher_output_stride must be 8 or 16"):
+        gen.make_settings(str(tmp_path), quick=True, teacher_output_stride=4)
+    s = gen.make_settings(str(tmp_path), quick=True, teacher_output_stride=8)
+    assert s.teacher_overrides("no_kd") == {"distillation#teacher#network_def#output_stride": 8}
+    assert "teacher_output_stride" not in s.cell_settings("no_kd")  # reads no teacher: its cells stay valid
+    assert gen.make_settings(str(tmp_path), quick=True).teacher_overrides("teacher") == {}
+    out = tmp_path / "os8"
+    gen.main(out=str(out), quick=True, rows="hinton", teacher_output_stride=8)
+    cells = {r: json.loads((out / "cells" / "HK_seed0" / r / "cell.json").read_text()) for r in ("teacher", "hinton")}
+    assert cells["teacher"]["overrides"]["network_def#output_stride"] == 8
+    assert cells["hinton"]["overrides"]["distillation#teacher#network_def#output_stride"] == 8
+    assert cells["teacher"]["settings"]["teacher_output_stride"] == 8
+    assert cells["hinton"]["settings"]["teacher_output_stride"] == 8
+    assert cells["teacher"]["record"]["fsd"]["tap"] == "aspp"
+
+
+def test_fsd_builds_the_network_with_the_cell_s_overrides():
+    from monai_relkd.evaluation.fsd import _bundle_parts
+
+    teacher = REPO / "bundles" / "prostate_mri_teacher"
+    assert _bundle_parts(teacher, 32)[0].config["output_stride"] == 16
+    assert _bundle_parts(teacher, 32, {"network_def#output_stride": 8})[0].config["output_stride"] == 8

@@ -230,11 +230,12 @@ def _load_weights(network: nn.Module, ckpt: Path) -> None:
         raise ValueError(f"checkpoint {ckpt} does not fit the bundle's network_def: {err}") from err
 
 
-def _bundle_parts(bundle_dir: Path, image_size: int) -> tuple[nn.Module, Any]:
+def _bundle_parts(bundle_dir: Path, image_size: int,
+                  overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, Any]:
     from monai_relkd.bundle_support import inference_parser
 
     config = bundle_dir / "configs" / "inference.json"
-    parser = inference_parser(bundle_dir, image_size=int(image_size))
+    parser = inference_parser(bundle_dir, image_size=int(image_size), **dict(overrides or {}))
     for key in ("network_def", "preprocessing"):
         if key not in parser:
             raise ValueError(f"{config} defines no '{key}'.")
@@ -290,6 +291,7 @@ def fsd_for_bundle(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    network_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
     FSD of a bundle's network between the training sites and the held-out site of a leave-one-site-out datalist.
@@ -310,6 +312,8 @@ def fsd_for_bundle(
         batch_size: slices per forward pass.
         device: where the network runs.
         seed: seed of the slice draw.
+        network_overrides: config overrides for the inference config (e.g. ``{"network_def#output_stride": 8}``)
+            when the weights were trained with other network arguments than the bundle's.
 
     Returns:
         ``{"fsd", "tap", "channels", "n_train", "n_test", "train_sites", "test_sites", "slices", "image_size",
@@ -328,7 +332,7 @@ def fsd_for_bundle(
     if max_slices is not None and (isinstance(max_slices, bool) or not isinstance(max_slices, int) or max_slices < 2):
         raise ValueError(f"max_slices must be None or an int >= 2, got {max_slices!r}.")
     bundle = Path(bundle_dir).resolve()
-    network, preprocessing = _bundle_parts(bundle, image_size)
+    network, preprocessing = _bundle_parts(bundle, image_size, network_overrides)
     from monai_relkd.engines import FeatureTaps
 
     FeatureTaps.validate_names(network, [tap])  # unknown tap: clear error before any data is read
