@@ -45,6 +45,13 @@ Output in ``--out``::
     curves/curves_<FOLD>_seed<S>.png   validation Dice against optimizer steps, one line per row
     results.json                       every finished cell's record (a JSON list), rewritten atomically
     report.md                          per-cell scores and the paired statistics (monai_relkd.reports.paired)
+    logs/<job>.log                     each child process's output (``--workers``)
+
+Cells run side by side in ``--workers`` child processes (default: the CPUs, at most 4), each with ``--threads``
+torch threads (default 1): a fold's teacher first, then one process per (fold, seed) for its students (see
+:func:`plan_jobs`); each child's output is in ``logs/<job>.log`` and the parent prints a line when a job starts and
+ends. The thread count is fixed because a cell's score depends on it: the same cell gave held-out Dice 0.694 with
+2 threads and 0.665 with 1 (docs/results.md). A cell's score does not depend on whether it ran in a child or alone.
 
 A cell whose ``cell.json`` exists with the same settings is not run again (``--force`` re-runs), so an interrupted
 benchmark resumes where it stopped. Examples::
@@ -54,6 +61,7 @@ benchmark resumes where it stopped. Examples::
     python benchmarks/generalization.py --quick --out /tmp/loso_smoke          # CI-size smoke run (about a minute)
     python benchmarks/generalization.py --rows full_minus_aa,full_minus_km --seeds 0 --out /work/runs/loso
     python benchmarks/generalization.py --dry_run                                 # the plan and a time estimate
+    python benchmarks/generalization.py --workers 1 --threads 2 --out DIR        # one process, two threads
     python benchmarks/generalization.py --teacher_seed each --out /work/runs/loso # a teacher per fold and seed
     python benchmarks/generalization.py --rows gkd --folds UCL --seeds 0 --out DIR \
         --merge docs/generalization/results.json      # new cells joined with the committed ones in DIR/report.md
@@ -70,8 +78,10 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -668,6 +678,134 @@ def run(s: Settings) -> list[dict[str, Any]]:
     return records
 
 
+@dataclass
+class Job:
+    """Cells of one fold run by one child process (``--workers``): ``rows`` for ``seeds``, after the jobs ``after``."""
+
+    name: str
+    fold: str
+    seeds: list[int]
+    rows: list[str]
+    after: list[str] = field(default_factory=list)
+
+
+def _cell_todo(s: Settings, fold: str, seed: int, row: str) -> bool:
+    return s.force or _done(s.out / "cells" / f"{fold}_seed{seed}" / row, s.cell_settings(row)) is None
+
+
+def plan_jobs(s: Settings) -> list[Job]:
+    """The cells still to run, split into jobs that can run side by side.
+
+    With one teacher per fold (``teacher_seed``): a ``teacher`` job per fold, then one job per (fold, seed) for the
+    student rows, which waits for its fold's teacher; with GKD rows a fold's later seeds also wait for its first,
+    which pre-trains the teacher's MSAN once. With a teacher per (fold, seed): one job per (fold, seed). A job whose
+    cells are all done is left out, and so is a dependency on it. Teachers come first (the order jobs start in).
+    """
+    students = [r for r in ROWS if r in s.rows]
+    wants_teacher = "teacher" in s.rows or any(distils(r) for r in students)
+    jobs: list[Job] = []
+    for fold in s.folds:
+        if s.teacher_seed is None:
+            rows = (["teacher"] if wants_teacher else []) + students
+            jobs += [Job(f"{fold}_seed{sd}", fold, [sd], rows) for sd in s.seeds
+                     if any(_cell_todo(s, fold, sd, r) for r in rows)]
+            continue
+        teacher = Job(f"{fold}_teacher", fold, [s.teacher_seed], ["teacher"])
+        if wants_teacher and _cell_todo(s, fold, s.teacher_seed, "teacher"):
+            jobs.append(teacher)
+        first: str | None = None
+        for sd in s.seeds:
+            if not any(_cell_todo(s, fold, sd, r) for r in students):
+                continue
+            after = [j.name for j in jobs if j is teacher and any(distils(r) for r in students)]
+            after += [first] if first and set(GKD_ROWS) & set(students) else []
+            jobs.append(Job(f"{fold}_seed{sd}", fold, [sd], students, after))
+            first = first or jobs[-1].name
+    return sorted(jobs, key=lambda j: j.rows != ["teacher"])  # teachers first: every student waits for one
+
+
+def runs_side_by_side(jobs: Sequence[Job]) -> bool:
+    """Whether two of ``jobs`` can run at the same time (they are not one chain, each waiting for the one before)."""
+    depth: dict[str, int] = {}
+    for job in jobs:  # a job's dependencies come before it
+        depth[job.name] = 1 + max((depth.get(a, 0) for a in job.after), default=0)
+    return len(jobs) > 1 and max(depth.values()) < len(jobs)
+
+
+def child_command(args: dict[str, Any], job: Job) -> list[str]:
+    """This script's command line for ``job``: the parent's options, the job's fold, seeds and rows, one worker."""
+    skip = {"folds", "seeds", "rows", "workers", "check", "dry_run", "merge"}
+    argv = [f"--{k}={v}" for k, v in args.items() if k not in skip and v is not None]
+    return [sys.executable, str(Path(__file__).resolve()), *argv, f"--folds={job.fold}",
+            f"--seeds={','.join(map(str, job.seeds))}", f"--rows={','.join(job.rows)}", "--workers=1"]
+
+
+def run_jobs(jobs: Sequence[Job], command: Callable[[Job], list[str]], workers: int, threads: int,
+             logs: Path) -> list[str]:
+    """Run ``jobs`` as child processes, ``workers`` at a time and each after the jobs it waits for, with
+    ``threads`` torch/OpenMP threads each; each child's output goes to ``logs/<job>.log``. A failed job's dependents
+    are not started. Returns the names of the jobs that failed or were not started; on an interrupt the children are
+    stopped (their finished cells are kept, so a re-run resumes)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending, running, done, failed = list(jobs), {}, set(), []
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[generalization jobs {len(done)}/{len(jobs)} | {(time.perf_counter() - start) / 60:.1f} min] "
+              f"{message}", flush=True)
+
+    try:
+        while pending or running:
+            for job in list(pending):
+                if any(a in failed for a in job.after):
+                    pending.remove(job)
+                    failed.append(job.name)
+                    say(f"{job.name}: not started, it needs {', '.join(a for a in job.after if a in failed)}")
+                elif len(running) < workers and all(a in done for a in job.after):
+                    pending.remove(job)
+                    log = open(logs / f"{job.name}.log", "w")  # noqa: SIM115 (closed when the child ends)
+                    proc = subprocess.Popen(command(job), stdout=log, stderr=subprocess.STDOUT, env=env)
+                    running[job.name] = (proc, log, time.perf_counter())
+                    say(f"{job.name}: {', '.join(job.rows)} started (log {log.name})")
+            time.sleep(0.5)
+            for name, (proc, log, t) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                minutes = (time.perf_counter() - t) / 60
+                if proc.returncode == 0:
+                    done.add(name)
+                    say(f"{name}: done in {minutes:.1f} min")
+                else:
+                    failed.append(name)
+                    tail = "".join(Path(log.name).read_text(errors="replace").splitlines(True)[-5:])
+                    say(f"{name}: FAILED (exit {proc.returncode}) after {minutes:.1f} min; {log.name} ends:\n{tail}")
+    finally:
+        for proc, log, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return failed
+
+
+def run_in_children(s: Settings, jobs: Sequence[Job], args: dict[str, Any], workers: int,
+                    threads: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """``jobs`` in child processes of this script (``args``: :func:`main`'s arguments), then the outputs of every
+    finished cell; returns the records and the jobs that failed or were not started."""
+    s.out.mkdir(parents=True, exist_ok=True)
+    prepare_data(s)  # once, before the children read it
+    print(f"generalization: {len(jobs)} jobs, {workers} at a time with {threads} thread(s) each "
+          f"(rough estimate in one process: {estimate_seconds(s) / 60:.0f} min); output {s.out}", flush=True)
+    t = time.perf_counter()
+    failed = run_jobs(jobs, lambda job: child_command(args, job), workers, threads, s.out / "logs")
+    records = write_outputs(s, [(f, sd) for f in s.folds for sd in s.seeds])
+    print(f"generalization: done in {(time.perf_counter() - t) / 60:.1f} min; {s.out / 'results.json'}, "
+          f"{s.out / 'report.md'}" + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    return records, failed
+
+
 def main(out: str = "relkd_generalization", quick: bool = False, folds: str | None = None,
          seeds: str | None = None, rows: str | None = None, scale: float | None = None, size: int | None = None,
          image_size: int | None = None, student_steps: int | None = None, teacher_steps: int | None = None,
@@ -675,7 +813,8 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
          num_samples: int | None = None, cache: bool = True, teacher_seed: int | str | None = None,
          data: str | None = None, data_seed: int = 0,
          bundles: str | None = None, force: bool = False, merge: str | None = None, check: str | None = None,
-         teacher_output_stride: int | None = None, dry_run: bool = False) -> None:
+         teacher_output_stride: int | None = None, workers: int | None = None, threads: int = 1,
+         dry_run: bool = False) -> None:
     """Run the benchmark (see the module docstring); ``--dry_run`` prints the plan and the estimate only.
 
     Args:
@@ -704,20 +843,48 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
         check: a ``results.json`` to compare this run's cells with (e.g. the committed one, after re-running one
             cell): per cell the two scores, their difference and any difference of environment are printed and
             written to ``OUT/check.txt``; the command exits with status 1 if a score differs by more than 0.01.
+        workers: cells run side by side in this many child processes (default: the CPUs this process may use, at
+            most 4), split by :func:`plan_jobs`; each child writes ``OUT/logs/<job>.log``. One worker, or a plan
+            that is one chain (e.g. one fold's teacher and its students), runs in this process.
+        threads: torch (and OpenMP) threads per process, recorded in each cell's ``environment``. A cell's score
+            depends on it (the summation order changes the rounding, and 800 steps amplify it to a few hundredths
+            of Dice), so it is fixed (default 1) rather than left to the machine's core count.
     """
-    s = make_settings(out, quick=quick, folds=folds, seeds=seeds, rows=rows, scale=scale, size=size,
-                      image_size=image_size, student_steps=student_steps, teacher_steps=teacher_steps,
-                      val_every=val_every, last_k=last_k, batch_size=batch_size, num_samples=num_samples,
-                      cache=cache, teacher_seed=teacher_seed, data=data, data_seed=data_seed, bundles=bundles,
-                      force=force, merge=merge, teacher_output_stride=teacher_output_stride)
+    args = dict(locals())
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        _run_main(args)
+    finally:  # called in-process (tests, notebooks): leave torch as it was
+        torch.set_num_threads(previous)
+
+
+def _run_main(args: dict[str, Any]) -> None:
+    """:func:`main` after its thread setting: settings, the plan, then the run in this process or in children."""
+    a = dict(args)
+    out, check, dry_run, threads, workers = a.pop("out"), a.pop("check"), a.pop("dry_run"), a.pop("threads"), \
+        a.pop("workers")
+    s = make_settings(out, **a)
     reference = load_records(check) if check else None  # a bad file fails before hours of training, not after
     if s.merge:
         load_records(s.merge)
+    if workers is None:
+        workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = int(workers)
+    jobs = plan_jobs(s) if workers > 1 else []
     if dry_run:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()}, indent=1))
-        print(f"rough estimate: {estimate_seconds(s) / 60:.0f} min on 2 CPU cores")
+        for job in jobs if runs_side_by_side(jobs) else []:
+            print(f"job {job.name}: {', '.join(job.rows)}" + (f" after {', '.join(job.after)}" if job.after else ""))
+        print(f"rough estimate: {estimate_seconds(s) / 60:.0f} min on 2 CPU cores (one process)")
         return
-    records = run(s)
+    failed: list[str] = []
+    if runs_side_by_side(jobs):
+        records, failed = run_in_children(s, jobs, args, workers, int(threads))
+    else:
+        records = run(s)
     if reference is not None:
         ran = {(f, sd, r) for f in s.folds for sd in s.seeds for r in s.rows}
         lines, ok = check_lines(reference, [r for r in records if (r["fold"], r["seed"], r["row"]) in ran])
@@ -726,6 +893,9 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
         print(text, end="", flush=True)
         if not ok:
             raise SystemExit(1)
+    if failed:
+        raise SystemExit(f"generalization: {len(failed)} job(s) failed or were not started: {', '.join(failed)} "
+                         f"(logs in {s.out / 'logs'}); finished cells are kept, so the same command resumes")
 
 
 if __name__ == "__main__":

@@ -177,3 +177,63 @@ def test_fsd_builds_the_network_with_the_cell_s_overrides():
     teacher = REPO / "bundles" / "prostate_mri_teacher"
     assert _bundle_parts(teacher, 32)[0].config["output_stride"] == 16
     assert _bundle_parts(teacher, 32, {"network_def#output_stride": 8})[0].config["output_stride"] == 8
+
+
+def test_plan_jobs_trains_each_fold_teacher_before_its_students(gen, tmp_path):
+    jobs = gen.plan_jobs(gen.make_settings(str(tmp_path)))
+    assert [j.name for j in jobs[:3]] == ["HK_teacher", "UCL_teacher", "BMC_teacher"]
+    students = {j.name: j for j in jobs[3:]}
+    assert len(students) == 9 and students["UCL_seed2"].after == ["UCL_teacher"]
+    assert students["UCL_seed2"].rows == ["no_kd", "hinton", "skd", "full"] and students["UCL_seed2"].seeds == [2]
+    assert gen.runs_side_by_side(jobs)
+
+    alone = gen.plan_jobs(gen.make_settings(str(tmp_path), rows="no_kd"))  # no teacher needed, nothing to wait for
+    assert [(j.name, j.after) for j in alone][:2] == [("HK_seed0", []), ("HK_seed1", [])] and len(alone) == 9
+    each = gen.plan_jobs(gen.make_settings(str(tmp_path), folds="HK", rows="teacher,full", teacher_seed="each"))
+    assert [(j.name, j.rows, j.after) for j in each][0] == ("HK_seed0", ["teacher", "full"], [])
+    gkd = gen.plan_jobs(gen.make_settings(str(tmp_path), folds="HK", rows="no_kd,gkd"))
+    assert {j.name: j.after for j in gkd}["HK_seed2"] == ["HK_teacher", "HK_seed0"]  # one MSAN pre-training
+
+    s = gen.make_settings(str(tmp_path), folds="HK", rows="hinton")  # a finished teacher is not waited for
+    cell = tmp_path / "cells" / "HK_seed0" / "teacher"
+    cell.mkdir(parents=True)
+    (cell / "cell.json").write_text(json.dumps({"settings": s.cell_settings("teacher")}))
+    assert [(j.name, j.after) for j in gen.plan_jobs(s)] == [(f"HK_seed{i}", []) for i in range(3)]
+    chain = gen.plan_jobs(gen.make_settings(str(tmp_path), quick=True, rows="hinton", force=True))
+    assert [j.name for j in chain] == ["HK_teacher", "HK_seed0"] and not gen.runs_side_by_side(chain)
+
+
+def test_run_jobs_keeps_the_order_logs_each_child_and_skips_what_a_failure_blocks(gen, tmp_path):
+    Job = gen.Job
+    jobs = [Job("T", "HK", [0], ["teacher"]), Job("bad", "UCL", [0], ["teacher"]),
+            Job("S", "HK", [0], ["no_kd"], ["T"]), Job("blocked", "UCL", [0], ["no_kd"], ["bad"])]
+    order = tmp_path / "order.txt"
+    script = ("import os, sys; open({order!r}, 'a').write(sys.argv[1] + ' ' + os.environ['OMP_NUM_THREADS'] + '\\n');"
+              " print('working on', sys.argv[1]); sys.exit(3 if sys.argv[1] == 'bad' else 0)")
+    command = lambda job: [sys.executable, "-c", script.format(order=str(order)), job.name]  # noqa: E731
+    failed = gen.run_jobs(jobs, command, workers=2, threads=1, logs=tmp_path / "logs")
+    assert sorted(failed) == ["bad", "blocked"]
+    ran = order.read_text().split("\n")[:-1]
+    assert sorted(ran) == ["S 1", "T 1", "bad 1"]
+    assert ran.index("T 1") < ran.index("S 1")
+    assert (tmp_path / "logs" / "S.log").read_text() == "working on S\n"
+    assert not (tmp_path / "logs" / "blocked.log").exists()
+
+
+def test_workers_give_the_cells_one_process_gives(gen, tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "two"
+    gen.main(out=str(out), quick=True, rows="no_kd", seeds="0,1", workers=2, threads=1)
+    printed = capsys.readouterr().out
+    assert "2 jobs, 2 at a time with 1 thread(s) each" in printed and "HK_seed1: done in" in printed
+    records = {r["seed"]: r for r in json.loads((out / "results.json").read_text())}
+    assert sorted(records) == [0, 1] and (out / "logs" / "HK_seed1.log").is_file()
+    assert {r["environment"]["torch_threads"] for r in records.values()} == {1}
+    assert torch.get_num_threads() == threads  # main leaves the caller's setting as it was
+
+    alone = tmp_path / "one"
+    gen.main(out=str(alone), quick=True, rows="no_kd", seeds="1", workers=1, threads=1)
+    record = json.loads((alone / "results.json").read_text())[0]
+    assert record["score"] == records[1]["score"] and record["per_case"] == records[1]["per_case"]
