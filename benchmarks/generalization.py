@@ -201,6 +201,13 @@ class Settings:
         key = "network_def#output_stride" if row == "teacher" else "distillation#teacher#network_def#output_stride"
         return {key: self.teacher_output_stride}
 
+    def cell_todo(self, fold: str, seed: int, row: str) -> bool:
+        """Whether the cell is to be run: not finished with these settings, or ``force`` and ``row`` asked for (a
+        teacher run only because its students need it is not re-trained by ``force``)."""
+        if self.force and row in self.rows:
+            return True
+        return _done(self.out / "cells" / f"{fold}_seed{seed}" / row, self.cell_settings(row)) is None
+
     def teacher_seeds(self) -> list[int]:
         """The seeds a teacher is trained for: every seed, or ``teacher_seed`` alone (shared by all seeds)."""
         return list(self.seeds) if self.teacher_seed is None else [self.teacher_seed]
@@ -597,8 +604,7 @@ def run(s: Settings) -> list[dict[str, Any]]:
     plan = [(f, sd, r) for f in s.folds for sd in seeds for r in rows
             if r != "teacher" or sd in s.teacher_seeds()]
     plan = [c for c in plan if c[2] == "teacher" or c[1] in s.seeds]
-    todo = [c for c in plan if s.force or _done(s.out / "cells" / f"{c[0]}_seed{c[1]}" / c[2], s.cell_settings(c[2]))
-            is None]
+    todo = [c for c in plan if s.cell_todo(*c)]
     print(f"generalization: folds {s.folds}, seeds {s.seeds}, rows {rows}; students {s.student_steps} / teacher "
           f"{s.teacher_steps} steps of {s.batch_size} slices at {s.image_size}x{s.image_size}, validation every "
           f"{s.val_every}, score over the last {s.last_k}; {len(plan)} cells, {len(todo)} to run "
@@ -621,7 +627,7 @@ def run(s: Settings) -> list[dict[str, Any]]:
                 if (fold, seed, row) not in plan:
                     continue
                 cell_dir, settings = fs_dir / row, s.cell_settings(row)
-                if not s.force and _done(cell_dir, settings) is not None:
+                if not s.cell_todo(fold, seed, row):
                     continue
                 configs: tuple[str, ...] = ("train.json",)
                 extra_record: dict[str, Any] = {}
@@ -689,10 +695,6 @@ class Job:
     after: list[str] = field(default_factory=list)
 
 
-def _cell_todo(s: Settings, fold: str, seed: int, row: str) -> bool:
-    return s.force or _done(s.out / "cells" / f"{fold}_seed{seed}" / row, s.cell_settings(row)) is None
-
-
 def plan_jobs(s: Settings) -> list[Job]:
     """The cells still to run, split into jobs that can run side by side.
 
@@ -708,14 +710,14 @@ def plan_jobs(s: Settings) -> list[Job]:
         if s.teacher_seed is None:
             rows = (["teacher"] if wants_teacher else []) + students
             jobs += [Job(f"{fold}_seed{sd}", fold, [sd], rows) for sd in s.seeds
-                     if any(_cell_todo(s, fold, sd, r) for r in rows)]
+                     if any(s.cell_todo(fold, sd, r) for r in rows)]
             continue
         teacher = Job(f"{fold}_teacher", fold, [s.teacher_seed], ["teacher"])
-        if wants_teacher and _cell_todo(s, fold, s.teacher_seed, "teacher"):
+        if wants_teacher and s.cell_todo(fold, s.teacher_seed, "teacher"):
             jobs.append(teacher)
         first: str | None = None
         for sd in s.seeds:
-            if not any(_cell_todo(s, fold, sd, r) for r in students):
+            if not any(s.cell_todo(fold, sd, r) for r in students):
                 continue
             after = [j.name for j in jobs if j is teacher and any(distils(r) for r in students)]
             after += [first] if first and set(GKD_ROWS) & set(students) else []
@@ -794,11 +796,11 @@ def run_in_children(s: Settings, jobs: Sequence[Job], args: dict[str, Any], work
                     threads: int) -> tuple[list[dict[str, Any]], list[str]]:
     """``jobs`` in child processes of this script (``args``: :func:`main`'s arguments), then the outputs of every
     finished cell; returns the records and the jobs that failed or were not started."""
-    s.out.mkdir(parents=True, exist_ok=True)
-    prepare_data(s)  # once, before the children read it
     print(f"generalization: {len(jobs)} jobs, {workers} at a time with {threads} thread(s) each "
           f"(rough estimate in one process: {estimate_seconds(s) / 60:.0f} min); output {s.out}", flush=True)
     t = time.perf_counter()
+    s.out.mkdir(parents=True, exist_ok=True)
+    prepare_data(s)  # once, before the children read it
     failed = run_jobs(jobs, lambda job: child_command(args, job), workers, threads, s.out / "logs")
     records = write_outputs(s, [(f, sd) for f in s.folds for sd in s.seeds])
     print(f"generalization: done in {(time.perf_counter() - t) / 60:.1f} min; {s.out / 'results.json'}, "
@@ -833,7 +835,8 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
             (default 0); ``each`` trains one teacher per (fold, seed). A shared teacher has seen some training-site
             cases that other seeds hold out for validation; the held-out site, and so the score, is unaffected.
         data: a six-site data folder instead of the synthetic set; data_seed: seed of the synthetic set.
-        bundles: folder holding the bundles. force: re-run finished cells.
+        bundles: folder holding the bundles. force: re-run the finished cells of ``rows`` (a finished teacher that
+            is only needed by the students is kept).
         merge: an earlier ``results.json`` (e.g. ``docs/generalization/results.json``) whose records are kept in
             ``OUT/results.json`` and ``OUT/report.md`` where this run has no cell of the same (fold, seed, row), so
             cells run later or elsewhere join the committed table; the file itself is only read.

@@ -199,6 +199,11 @@ def test_plan_jobs_trains_each_fold_teacher_before_its_students(gen, tmp_path):
     cell.mkdir(parents=True)
     (cell / "cell.json").write_text(json.dumps({"settings": s.cell_settings("teacher")}))
     assert [(j.name, j.after) for j in gen.plan_jobs(s)] == [(f"HK_seed{i}", []) for i in range(3)]
+    forced = gen.make_settings(str(tmp_path), folds="HK", rows="hinton", force=True)  # --force: the rows asked for
+    assert not forced.cell_todo("HK", 0, "teacher") and forced.cell_todo("HK", 0, "hinton")
+    assert [j.name for j in gen.plan_jobs(forced)] == ["HK_seed0", "HK_seed1", "HK_seed2"]
+    refit = gen.make_settings(str(tmp_path), folds="HK", rows="teacher,hinton", force=True)
+    assert [(j.name, j.after) for j in gen.plan_jobs(refit)][:2] == [("HK_teacher", []), ("HK_seed0", ["HK_teacher"])]
     chain = gen.plan_jobs(gen.make_settings(str(tmp_path), quick=True, rows="hinton", force=True))
     assert [j.name for j in chain] == ["HK_teacher", "HK_seed0"] and not gen.runs_side_by_side(chain)
 
