@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from monai_relkd.data._io import atomic_write_text
-from monai_relkd.profiling import measure_latency, parse_shape, profile_network, resolve_network
+from monai_relkd.profiling import TorchThreads, measure_latency, parse_shape, profile_network, resolve_network
 
 START, END = "<!-- efficiency:start -->", "<!-- efficiency:end -->"
 TEACHER = ("DeepLabV3+ R50 OS16 (teacher)", "monai_relkd.networks.DeepLabV3Plus", {"backbone": "resnet50", "output_stride": 16})
@@ -244,13 +244,8 @@ def volume_rows(keys: List[str], backends: List[str], dhw: tuple, sw_batch_sizes
     torch's intra-op threads and ONNX Runtime's ``onnx_threads`` during the runs)."""
     rows: List[Dict[str, Any]] = []
     onnx_config = BUNDLES / KEYS["enet"][1] / "configs" / "inference_onnx.json"  # identical in every student
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with TorchThreads(threads or None):
         return _volume_rows(rows, onnx_config, keys, backends, dhw, sw_batch_sizes, repeats, threads, image_size)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _volume_rows(rows: List[Dict[str, Any]], onnx_config: Path, keys: List[str], backends: List[str], dhw: tuple,

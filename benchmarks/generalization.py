@@ -712,14 +712,15 @@ def plan_jobs(s: Settings) -> list[Job]:
             jobs += [Job(f"{fold}_seed{sd}", fold, [sd], rows) for sd in s.seeds
                      if any(s.cell_todo(fold, sd, r) for r in rows)]
             continue
-        teacher = Job(f"{fold}_teacher", fold, [s.teacher_seed], ["teacher"])
-        if wants_teacher and s.cell_todo(fold, s.teacher_seed, "teacher"):
-            jobs.append(teacher)
+        teacher = f"{fold}_teacher"
+        teacher_queued = wants_teacher and s.cell_todo(fold, s.teacher_seed, "teacher")
+        if teacher_queued:
+            jobs.append(Job(teacher, fold, [s.teacher_seed], ["teacher"]))
         first: str | None = None
         for sd in s.seeds:
             if not any(s.cell_todo(fold, sd, r) for r in students):
                 continue
-            after = [j.name for j in jobs if j is teacher and any(distils(r) for r in students)]
+            after = [teacher] if teacher_queued and any(distils(r) for r in students) else []
             after += [first] if first and set(GKD_ROWS) & set(students) else []
             jobs.append(Job(f"{fold}_seed{sd}", fold, [sd], students, after))
             first = first or jobs[-1].name
@@ -802,7 +803,7 @@ def run_in_children(s: Settings, jobs: Sequence[Job], args: dict[str, Any], work
     s.out.mkdir(parents=True, exist_ok=True)
     prepare_data(s)  # once, before the children read it
     failed = run_jobs(jobs, lambda job: child_command(args, job), workers, threads, s.out / "logs")
-    records = write_outputs(s, [(f, sd) for f in s.folds for sd in s.seeds])
+    records = write_outputs(s, [])  # every child has drawn the curves of its cells
     print(f"generalization: done in {(time.perf_counter() - t) / 60:.1f} min; {s.out / 'results.json'}, "
           f"{s.out / 'report.md'}" + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return records, failed
@@ -854,14 +855,10 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
             of Dice), so it is fixed (default 1) rather than left to the machine's core count.
     """
     args = dict(locals())
-    import torch
+    from monai_relkd.profiling import TorchThreads
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
+    with TorchThreads(int(threads)):  # called in-process (tests, notebooks), torch is left as it was
         _run_main(args)
-    finally:  # called in-process (tests, notebooks): leave torch as it was
-        torch.set_num_threads(previous)
 
 
 def _run_main(args: dict[str, Any]) -> None:

@@ -188,8 +188,8 @@ def count_flops(net: nn.Module, shape: ShapeLike) -> Dict[str, Any]:
     return {"macs": macs, "flops": flops, "gmacs": macs / 1e9, "gflops": flops / 1e9}
 
 
-class _Threads:
-    """Context manager setting ``torch.set_num_threads`` and restoring it."""
+class TorchThreads:
+    """Context manager setting ``torch.set_num_threads`` (``None``: unchanged) and restoring the previous count."""
 
     def __init__(self, threads: Optional[int]) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -229,7 +229,7 @@ def measure_latency(
     net.eval()
     times: List[float] = []
     try:
-        with _Threads(threads) as used_threads, torch.inference_mode():
+        with TorchThreads(threads) as used_threads, torch.inference_mode():
             for _ in range(warmup):
                 net(x)
             for _ in range(repeats):
