@@ -541,9 +541,38 @@ def fsd_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def comparison_sections(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The report's paired comparisons (Markdown lines), each where both of its rows have cells: every ENet row
+    against ``no_kd``; ``full`` against plain KD (``hinton``, ``skd``); the ablations against ``full`` (what a
+    relational term adds); the GKD rows against ``full``; ESPNet and ERFNet ``full`` against their ``no_kd``; and
+    the mean per row."""
+    from monai_relkd.reports.paired import paired_table
+
+    present = {x["row"] for x in records}
+    lines: list[str] = []
+    methods = [r for r in ROWS if r != "no_kd" and ROWS[r][0] == "enet" and r in present]
+    if "no_kd" in present and methods:
+        lines += ["", "## Paired differences against no_kd", "", paired_table(records, methods)]
+    for base in ("hinton", "skd"):  # the secondary question: do the relational terms add to plain KD?
+        if {base, "full"} <= present:
+            lines += ["", f"## full against {base}", "", paired_table(records, ["full"], baseline=base)]
+    ablations = [r for r in ("full_minus_aa", "full_minus_km") if r in present]
+    if ablations and "full" in present:  # what one relational term adds: full minus a term against full
+        lines += ["", "## ablations against full", "", paired_table(records, ablations, baseline="full")]
+    lines += ["", "## Mean per row", "", fsd_table(records)]
+    gkd = [r for r in GKD_ROWS if r in present]
+    if gkd and "full" in present:  # the two methods against each other
+        lines += ["", "## generalizable distillation against the full relational loss", "",
+                  paired_table(records, gkd, baseline="full")]
+    for net in ("espnet", "erfnet"):
+        if {f"{net}_no_kd", f"{net}_full"} <= present:
+            lines += ["", f"## {net}: full against no_kd", "",
+                      paired_table(records, [f"{net}_full"], baseline=f"{net}_no_kd")]
+    return lines
+
+
 def write_outputs(s: Settings, fold_seeds: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
     """``results.json``, the curve PNGs of ``fold_seeds`` and ``report.md`` from every finished cell."""
-    from monai_relkd.reports.paired import paired_table
     from monai_relkd.reports.plots import plot_training_curves
 
     records = collect(s.out)
@@ -573,20 +602,7 @@ def write_outputs(s: Settings, fold_seeds: Sequence[tuple[str, int]]) -> list[di
         fsd = "–" if not r.get("fsd") else f"{r['fsd']['fsd']:.3g} ({r['fsd']['tap']})"
         lines.append(f"| {r['fold']} | {r['seed']} | {r['row']} | {r['network']} | {score} | {r['steps']} | "
                      f"{best} | {fsd} | {r['seconds']:.0f} |")
-    methods = [r for r in ROWS if r != "no_kd" and ROWS[r][0] == "enet" and any(x["row"] == r for x in records)]
-    if any(x["row"] == "no_kd" for x in records) and methods:
-        lines += ["", "## Paired differences against no_kd", "", paired_table(records, methods)]
-    for base in ("hinton", "skd"):  # the secondary question: do the relational terms add to plain KD?
-        if any(x["row"] == base for x in records) and any(x["row"] == "full" for x in records):
-            lines += ["", f"## full against {base}", "", paired_table(records, ["full"], baseline=base)]
-    lines += ["", "## Mean per row", "", fsd_table(records)]
-    gkd = [r for r in GKD_ROWS if any(x["row"] == r for x in records)]
-    if gkd and any(x["row"] == "full" for x in records):  # the two methods against each other
-        lines += ["", "## generalizable distillation against the full relational loss", "",
-                  paired_table(records, gkd, baseline="full")]
-    for net in ("espnet", "erfnet"):
-        if any(x["row"] == f"{net}_no_kd" for x in records) and any(x["row"] == f"{net}_full" for x in records):
-            lines += ["", paired_table(records, [f"{net}_full"], baseline=f"{net}_no_kd")]
+    lines += comparison_sections(records)
     atomic_write_text(s.out / "report.md", "\n".join(lines) + "\n")
     return records
 

@@ -43,6 +43,23 @@ def test_settings_are_validated(gen, tmp_path):
     assert s.student_steps >= 800 and s.scale == 1.0
 
 
+def test_report_compares_each_row_with_its_baseline_only_where_both_ran(gen):
+    def cell(fold, seed, row, score):
+        return {"fold": fold, "seed": seed, "row": row, "score": score, "per_case": {"c1": score, "c2": score - 0.1}}
+
+    pairs = [("HK", 0), ("HK", 1), ("BMC", 0)]
+    records = [cell(f, s, "no_kd", 0.70) for f, s in pairs] + [cell(f, s, "full", 0.60 + 0.01 * s) for f, s in pairs]
+    records += [cell(f, s, "full_minus_aa", 0.65) for f, s in pairs]
+    text = "\n".join(gen.comparison_sections(records))
+    ablation = text.split("## ablations against full")[1].split("##")[0]
+    assert "| full_minus_aa | 3 | +0.047 |" in ablation  # 0.65 against 0.60, 0.61, 0.60
+    assert "full_minus_km" not in text and "## full against hinton" not in text
+    assert "## generalizable distillation" not in text and "espnet" not in text
+    records += [cell(f, s, "espnet_no_kd", 0.5) for f, s in pairs] + [cell("HK", 0, "espnet_full", 0.55)]
+    espnet = "\n".join(gen.comparison_sections(records)).split("## espnet: full against no_kd")[1]
+    assert "| espnet_full | 1 | +0.050 |" in espnet
+
+
 def test_quick_cells_write_records_and_are_not_rerun(gen, tmp_path, capsys):
     out = tmp_path / "bench"
     gen.main(out=str(out), quick=True, rows="no_kd,hinton")
