@@ -432,10 +432,12 @@ def _record(fold: str, seed: int, row: str, network: str, result: dict, dist: di
 
 
 def environment() -> dict[str, Any]:
-    """What a cell's numbers may depend on besides its settings: library versions, CPU model and torch's threads.
+    """What a cell's numbers may depend on besides its settings: library versions, CPU model, the instruction set
+    torch dispatches its kernels to (``cpu_capability``, e.g. AVX2 or AVX512) and torch's threads.
 
-    The same code and settings gave held-out Dice 0.694 here and 0.656 in an earlier environment (docs/results.md),
-    so each record carries this, and ``--check`` prints it beside a score that does not reproduce.
+    The same code and settings gave held-out Dice 0.694 here and 0.656 in an earlier environment, and a teacher
+    trained on an Intel Xeon (AVX512) scored 0.583 where the same cell on an AMD EPYC scored 0.572
+    (docs/results.md), so each record carries this, and ``--check`` prints it beside a score that does not reproduce.
     """
     import monai
     import numpy
@@ -445,7 +447,8 @@ def environment() -> dict[str, Any]:
                 if line.startswith("model name")), platform.processor() or "unknown")
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "cpu": cpu, "torch": torch.__version__, "monai": monai.__version__, "numpy": numpy.__version__,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _read_lines(path: str) -> list[str]:

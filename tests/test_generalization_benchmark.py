@@ -103,7 +103,7 @@ def test_quick_cells_write_records_and_are_not_rerun(gen, tmp_path, capsys):
 
     # --check: the re-run of a cell against a results.json; each record carries its environment
     env = records[1]["environment"]
-    assert {"torch", "monai", "numpy", "cpu", "torch_threads"} <= set(env)
+    assert {"torch", "monai", "numpy", "cpu", "cpu_capability", "torch_threads"} <= set(env)
     capsys.readouterr()
     gen.main(out=str(out), quick=True, rows="no_kd", check=str(out / "results.json"))
     printed = capsys.readouterr().out
