@@ -720,7 +720,8 @@ def plan_jobs(s: Settings) -> list[Job]:
     With one teacher per fold (``teacher_seed``): a ``teacher`` job per fold, then one job per (fold, seed) for the
     student rows, which waits for its fold's teacher; with GKD rows a fold's later seeds also wait for its first,
     which pre-trains the teacher's MSAN once. With a teacher per (fold, seed): one job per (fold, seed). A job whose
-    cells are all done is left out, and so is a dependency on it. Teachers come first (the order jobs start in).
+    cells are all done is left out, and so is a dependency on it. Order (the order jobs start in): teachers, then the
+    jobs that wait for no other student job, then the rest.
     """
     students = [r for r in ROWS if r in s.rows]
     wants_teacher = "teacher" in s.rows or any(distils(r) for r in students)
@@ -743,7 +744,10 @@ def plan_jobs(s: Settings) -> list[Job]:
             after += [first] if first and set(GKD_ROWS) & set(students) else []
             jobs.append(Job(f"{fold}_seed{sd}", fold, [sd], students, after))
             first = first or jobs[-1].name
-    return sorted(jobs, key=lambda j: j.rows != ["teacher"])  # teachers first: every student waits for one
+    # teachers first (every student waits for one), then the jobs that wait for no other student job (with GKD rows,
+    # each fold's first seed), so that no worker idles at the end while a fold's later seeds wait for its first
+    teachers = {j.name for j in jobs if j.rows == ["teacher"]}
+    return sorted(jobs, key=lambda j: (j.rows != ["teacher"], any(a not in teachers for a in j.after)))
 
 
 def runs_side_by_side(jobs: Sequence[Job]) -> bool:

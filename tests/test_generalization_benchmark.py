@@ -210,6 +210,8 @@ def test_plan_jobs_trains_each_fold_teacher_before_its_students(gen, tmp_path):
     assert [(j.name, j.rows, j.after) for j in each][0] == ("HK_seed0", ["teacher", "full"], [])
     gkd = gen.plan_jobs(gen.make_settings(str(tmp_path), folds="HK", rows="no_kd,gkd"))
     assert {j.name: j.after for j in gkd}["HK_seed2"] == ["HK_teacher", "HK_seed0"]  # one MSAN pre-training
+    every_fold = [j.name for j in gen.plan_jobs(gen.make_settings(str(tmp_path), rows="gkd"))]
+    assert every_fold[3:6] == ["HK_seed0", "UCL_seed0", "BMC_seed0"]  # no worker waits at the end for a first seed
 
     s = gen.make_settings(str(tmp_path), folds="HK", rows="hinton")  # a finished teacher is not waited for
     cell = tmp_path / "cells" / "HK_seed0" / "teacher"
