@@ -15,6 +15,7 @@ from .sites import (
     write_datalist,
 )
 from .synthetic import SITE_PROFILES, generate_six_site_dataset, synth_command
+from .untracked import UntrackedCompose
 
 __all__ = [
     "SITES",
@@ -30,5 +31,6 @@ __all__ = [
     "make_datalist",
     "scan_sites",
     "synth_command",
+    "UntrackedCompose",
     "write_datalist",
 ]
