@@ -54,7 +54,7 @@ def test_linear_equals_naive_float64(mode, s_shape, t_shape, label_size, grid) -
     f_s, f_t, label, z_t = _inputs(s_shape, t_shape, label_size)
     label[0] = 0  # one sample with a single class: its inter-class term is dropped in both paths
     kwargs = dict(grid=grid, pair_weights=mode, w_intra=1.3, w_inter=0.6, num_classes=3)
-    fast = AdaptiveAffinityLoss(**kwargs)(f_s, f_t, label=label, teacher_logits=z_t)
+    fast = AdaptiveAffinityLoss(naive=False, **kwargs)(f_s, f_t, label=label, teacher_logits=z_t)
     naive = AdaptiveAffinityLoss(naive=True, **kwargs)(f_s, f_t, label=label, teacher_logits=z_t)
     assert fast.item() > 0
     assert fast.item() == pytest.approx(naive.item(), rel=1e-6)
@@ -112,7 +112,7 @@ def test_float32_linear_close_to_float64() -> None:
     f_s, f_t = torch.randn(2, 32, 32, 32, dtype=torch.float64), torch.randn(2, 48, 32, 32, dtype=torch.float64)
     label = torch.randint(0, 2, (2, 1, 32, 32))
     ref = AdaptiveAffinityLoss(naive=True)(f_s, f_t, label=label)
-    value = AdaptiveAffinityLoss()(f_s.float(), f_t.float(), label=label)
+    value = AdaptiveAffinityLoss(naive=False)(f_s.float(), f_t.float(), label=label)
     assert value.dtype == torch.float32
     assert value.item() == pytest.approx(ref.item(), rel=1e-4)
 
@@ -255,3 +255,19 @@ def test_node_pooling_validation() -> None:
         AdaptiveAffinityLoss(reduction="avg")
     with pytest.raises(ValueError, match="node_size .* 3 spatial dims"):
         AdaptiveAffinityLoss(node_size=(2, 2))(torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 4, 4, 4))
+
+
+def test_default_form_is_the_cheaper_one_and_gives_the_same_loss() -> None:
+    loss = AdaptiveAffinityLoss(grid=16)
+    # the bundles' ENet taps: 16×16 nodes of 128 (64) student and 256 teacher channels, 2 classes: N×N is cheaper
+    assert loss.uses_naive(256, 128, 256, 2) and loss.uses_naive(256, 64, 256, 2)
+    assert not loss.uses_naive(4096, 64, 64, 2)  # a 64×64 grid of few channels: the linear form
+    assert not loss.uses_naive(2048, 4096, 4096, 2)  # cheaper as N×N, but more nodes than NAIVE_MAX_NODES
+    assert not AdaptiveAffinityLoss(naive=False).uses_naive(256, 128, 256, 2)
+    assert AdaptiveAffinityLoss(naive=True).uses_naive(4096, 8, 8, 2)
+    f_s, f_t = torch.randn(2, 128, 12, 12, dtype=torch.float64), torch.randn(2, 256, 3, 3, dtype=torch.float64)
+    label = torch.randint(0, 2, (2, 1, 48, 48))
+    linear = AdaptiveAffinityLoss(grid=16, naive=False)(f_s, f_t, label=label)
+    assert loss(f_s, f_t, label=label).item() == pytest.approx(linear.item(), rel=1e-9)
+    with pytest.raises(ValueError, match="naive"):
+        AdaptiveAffinityLoss(naive="yes")

@@ -1,5 +1,5 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
-"""Adaptive (class-balanced) pair-wise affinity distillation, exact in O(N·C²) time and O(N·C + C²) memory."""
+"""Adaptive (class-balanced) pair-wise affinity distillation: exact, through C×C or N×N products, whichever is cheaper."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ _POOLS = ("avg", "max")
 # a weighted mean whose total pair weight is below this fraction of all N² pairs is dropped (set to 0):
 # it would be a ratio of rounding noise (e.g. the inter-class mean of an image with a single class).
 _MIN_WEIGHT_FRACTION = 1e-6
+#: the most nodes for which ``naive=None`` may form the N×N matrices (B·N² floats each: 4 MiB per sample at 1024)
+NAIVE_MAX_NODES = 1024
 
 
 def _adaptive_pool(x: torch.Tensor, size: tuple[int, ...], mode: str = "avg") -> torch.Tensor:
@@ -86,8 +88,11 @@ class AdaptiveAffinityLoss(_Loss):
     ``U = diag(u)``, ``V = diag(v)``,
     ``Σ_ij u_i v_j (a_i·a_j − b_i·b_j)² = ⟨AᵀUA, AᵀVA⟩ − 2⟨AᵀUB, AᵀVB⟩ + ⟨BᵀUB, BᵀVB⟩``; the intra sum is
     the sum over classes with ``u = v = p_k``, the inter sum is the uniform sum minus the intra sum, and the
-    weight totals are ``Σ_k (Σ_i p_ik)²`` and ``N² − Σ_k (Σ_i p_ik)²``. This is exact and costs O(N·C²) time.
-    ``naive=True`` materialises the N×N affinities instead (O(N²) memory; the test reference).
+    weight totals are ``Σ_k (Σ_i p_ik)²`` and ``N² − Σ_k (Σ_i p_ik)²``. This is exact and costs
+    O(K·N·C²) time. The N×N form costs O(N²·C) time and O(N²) memory; by default (``naive=None``) each call takes
+    the form with fewer multiply-adds for its sizes, the N×N one only up to ``NAIVE_MAX_NODES`` nodes (e.g. a 16×16
+    grid of 128 student and 256 teacher channels: about half the time of the linear form, forward and backward).
+    Both give the same loss up to rounding.
 
     The teacher tensors are fixed targets (detached). Everything after the pooling runs in float32 (float64
     for float64 inputs), also under ``torch.autocast``.
@@ -121,7 +126,7 @@ class AdaptiveAffinityLoss(_Loss):
         w_intra: float = 1.0,
         w_inter: float = 1.0,
         num_classes: int = 2,
-        naive: bool = False,
+        naive: bool | None = None,
         node_size: int | Sequence[int] | None = None,
         pool: str = "avg",
         reduction: LossReduction | str = LossReduction.MEAN,
@@ -135,7 +140,9 @@ class AdaptiveAffinityLoss(_Loss):
             w_intra: weight (>= 0) of the intra-class mean.
             w_inter: weight (>= 0) of the inter-class mean.
             num_classes: number of classes in ``label`` ("label" mode), >= 1.
-            naive: materialise the N×N affinity matrices (reference implementation, O(N²) memory).
+            naive: True: materialise the N×N affinity matrices (O(N²) memory; the reference the tests compare
+                with); False: never (the linear form); None (default): whichever costs fewer multiply-adds, see
+                :meth:`uses_naive`.
             node_size: node side in pixels of the smaller map (an int or one per spatial dim); exclusive with
                 ``grid``. None: one node per pixel when ``grid`` is None too.
             pool: ``"avg"`` (default) or ``"max"``: how the features are pooled into nodes.
@@ -163,9 +170,20 @@ class AdaptiveAffinityLoss(_Loss):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
         self.num_classes = num_classes
-        self.naive = bool(naive)
+        if naive is not None and not isinstance(naive, bool):
+            raise ValueError(f"naive must be True, False or None, got {naive!r}.")
+        self.naive = naive
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def uses_naive(self, nodes: int, student_channels: int, teacher_channels: int, classes: int) -> bool:
+        """Whether a call with these sizes forms the N×N matrices: ``naive`` when set, else when their
+        ``N²·(C_s + C_t)`` multiply-adds are fewer than the linear form's ``K·N·(C_s² + C_s·C_t + C_t²)``
+        (``K = 1`` for uniform weights) and ``N <= NAIVE_MAX_NODES``."""
+        if self.naive is not None:
+            return self.naive
+        cs, ct, k = student_channels, teacher_channels, max(classes, 1)
+        return nodes <= NAIVE_MAX_NODES and nodes * (cs + ct) < k * (cs * cs + cs * ct + ct * ct)
+
     def grid_size(self, student_size: Sequence[int], teacher_size: Sequence[int]) -> tuple[int, ...]:
         """The common grid for the given spatial sizes of the student and teacher feature maps."""
         nd = len(student_size)
@@ -303,7 +321,8 @@ class AdaptiveAffinityLoss(_Loss):
             a = self._embed(s.to(dtype), size)
             b = self._embed(t.detach().to(dtype), size)
             p = self._memberships(label, teacher_logits, s.shape[0], size, dtype)
-            sums = (self._sums_naive if self.naive else self._sums_linear)(a, b, p)
+            naive = self.uses_naive(n, a.shape[-1], b.shape[-1], 1 if p is None else p.shape[-1])
+            sums = (self._sums_naive if naive else self._sums_linear)(a, b, p)
             n2 = float(n) * float(n)
             if p is None:
                 per_sample = sums[0] / n2
