@@ -33,15 +33,18 @@ Schedule (optimizer steps of ``batch_size`` slices, poly LR, see the bundles' mo
 ``val_every`` steps. The held-out site is never used for any choice: it is evaluated (Dice per case at the networks'
 resolution, ``image_size``) at each of the last ``last_k`` validations, and the **score** of a cell is the mean
 held-out Dice over those ``last_k`` evaluations (declared in ``docs/results.md``). Distilled students read the
-teacher through a :class:`monai_relkd.engines.TeacherOutputCache` shared by the rows of one fold, and the
-teacher sees the slice before intensity augmentation (``--cache False`` runs the teacher live on the student's own
-input, the bundles' default).
+teacher through a :class:`monai_relkd.engines.TeacherOutputCache` filled once per fold teacher, before its first
+student, with every training-site slice and flip in a fixed order (:func:`fill_fold_cache`, saved beside the teacher's
+model as ``teacher_outputs_<taps>.pt``), so every seed and row of a fold reads the same teacher outputs whichever job
+filled them; the teacher sees the slice before intensity augmentation (``--cache False`` runs the teacher live on the
+student's own input, the bundles' default).
 
 Output in ``--out``::
 
     data/                              the synthetic six-site set (``--scale``, ``--size``; generated once)
     cells/<FOLD>_seed<S>/datalist.json
     cells/<FOLD>_seed<S>/<row>/        models/, runs/ (TensorBoard), cell.json (the record + curve + settings)
+    cells/<FOLD>_seed<T>/teacher/models/teacher_outputs_<taps>.pt   the fold teacher's cached outputs (float16)
     curves/curves_<FOLD>_seed<S>.png   validation Dice against optimizer steps, one line per row
     results.json                       every finished cell's record (a JSON list), rewritten atomically
     report.md                          per-cell scores and the paired statistics (monai_relkd.reports.paired)
@@ -185,13 +188,19 @@ class Settings:
         steps = self.teacher_steps if row == "teacher" else self.student_steps
         out = {"scale": self.scale, "size": self.size, "image_size": self.image_size, "steps": steps,
                "val_every": self.val_every, "last_k": self.last_k, "batch_size": self.batch_size,
-               "num_samples": self.num_samples, "cache": self.cache and row != "teacher", "data": self.data,
+               "num_samples": self.num_samples, "cache": self._cache_setting(row), "data": self.data,
                "data_seed": self.data_seed}
         if self.teacher_seed is not None and row != "teacher":
             out["teacher_seed"] = self.teacher_seed
         if self.teacher_output_stride is not None and (row == "teacher" or distils(row)):
             out["teacher_output_stride"] = self.teacher_output_stride
         return out
+
+    def _cache_setting(self, row: str) -> bool | str:
+        """``"fold"`` for a student that reads its fold's filled cache (:func:`fill_fold_cache`), else whether the
+        cache is on (a student without distillation never reads it)."""
+        on = self.cache and row != "teacher"
+        return "fold" if on and distils(row) else on
 
     def teacher_overrides(self, row: str) -> dict[str, Any]:
         """The bundle overrides that give the teacher row, and every student that builds the teacher to read it, the
@@ -375,6 +384,64 @@ def pretrain_msan(bundle: Path, common: dict[str, Any], teacher_ckpt: str, msan_
     finally:
         workflow.finalize()
     return time.perf_counter() - t
+
+
+def fold_cache_path(teacher_ckpt: str | Path, taps: Sequence[str]) -> Path:
+    """Where a fold teacher's outputs at ``taps`` are cached (beside its model, so a re-trained teacher drops them)."""
+    return Path(teacher_ckpt).parent / f"teacher_outputs_{'+'.join(taps)}.pt"
+
+
+def fill_fold_cache(bundle: Path, common: dict[str, Any], teacher_ckpt: str, batch_size: int,
+                    teacher_overrides: dict[str, Any] | None = None) -> float:
+    """The fold teacher's logits and tapped features for every slice of every training-site case, unflipped and
+    flipped as ``RandFlipd`` flips them, computed once and saved at :func:`fold_cache_path`; returns the seconds it
+    took (0 when the file exists).
+
+    What a student reads must not depend on which job fills the cache first: a DeepLabV3+ output depends in its last
+    bits on the batch it is computed in, and float16 keeps some of them. So the fill covers all cases of the fold's
+    training sites (any seed's training split), in a fixed order (cases by image path, slices bottom to top, each
+    unflipped then flipped, ``batch_size`` at a time), whichever job runs it; a lock file makes a second job wait for
+    the first and then read its file. Like a cell's score, the slices depend on torch's thread count (the intensity
+    normalisation sums over the volume), which ``--threads`` fixes for every job. ``bundle``: a student bundle (its deterministic transforms, teacher and taps)."""
+    import fcntl
+
+    import torch
+    from monai.transforms import Compose
+
+    from monai_relkd.bundle_support import bundle_datalist
+    from monai_relkd.engines import FeatureTaps, TeacherOutputCache
+    from monai_relkd.engines.trainer import DistillationLossAdapter
+
+    defaults = json.loads((bundle / "configs" / "train.json").read_text())["distillation"]
+    path = fold_cache_path(teacher_ckpt, [tap["teacher"] for tap in defaults["taps"]])
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+        if path.is_file():
+            return 0.0
+        t = time.perf_counter()
+        workflow = _workflow(bundle, ("train.json",), "training",
+                             {**common, "teacher_ckpt": teacher_ckpt, **row_overrides("full", defaults),
+                              **(teacher_overrides or {})})
+        parser = workflow.parser
+        teacher = parser.get_parsed_content("teacher")
+        taps = FeatureTaps(teacher, [tap["teacher"] for tap in defaults["taps"]], detach=True)
+        teacher_fn = DistillationLossAdapter(None, teacher, FeatureTaps(torch.nn.Identity(), []), taps)._teacher_forward
+        load = Compose(parser.get_parsed_content("train#deterministic_transforms"))
+        split = bundle_datalist(common["dataset_dir"], test_site=common["test_site"], seed=common["seed"])
+        cases = sorted(split["training"] + split["validation"], key=lambda c: str(c["image"]))
+        slices: list[torch.Tensor] = []
+        for case in cases:
+            volume = load(dict(case))["image"].as_tensor()  # (C, H, W, D)
+            for z in range(volume.shape[-1]):
+                image = volume[..., z]
+                slices += [image, torch.flip(image, dims=(1,))]  # RandFlipd(spatial_axis=0) flips dim 1
+        cache = TeacherOutputCache()
+        teacher.eval()
+        for i in range(0, len(slices), batch_size):
+            cache(teacher_fn, torch.stack(slices[i:i + batch_size]))
+        cache.save(path)
+        taps.remove()
+        return time.perf_counter() - t
 
 
 def cell_fsd(bundle: Path, datalist: Path, ckpt: Path, tap: str, image_size: int,
@@ -670,8 +737,15 @@ def run(s: Settings) -> list[dict[str, Any]]:
                             extra_record["msan_pretrain_seconds"] = round(msan_s, 1)
                         extra["gkd#teacher_msan_ckpt"] = str(msan_ckpt)
                     if distils(row) and s.cache:
+                        fill_s = fill_fold_cache(bundle, {**common, "seed": t_seed}, teacher_ckpt, s.batch_size,
+                                                 s.teacher_overrides(row))
+                        if fill_s:
+                            progress.line(f"{fold}: teacher outputs cached in {fill_s / 60:.1f} min")
+                            extra_record["cache_fill_seconds"] = round(fill_s, 1)
+                        cache_file = fold_cache_path(teacher_ckpt, [t["teacher"] for t in defaults["taps"]])
                         extra.update(teacher_input_key="teacher_image",
-                                     teacher_cache=f"$monai_relkd.engines.TeacherOutputCache.shared({teacher_ckpt!r})")
+                                     teacher_cache=f"$monai_relkd.engines.TeacherOutputCache.shared("
+                                                   f"{teacher_ckpt!r}, path={str(cache_file)!r})")
                     dist = {**defaults, **{k.split("#", 1)[1]: v for k, v in extra.items()
                                            if k.startswith("distillation#")}}
                 progress.line(f"{fold} seed {seed} | {row} ({network}): training {settings['steps']} steps")

@@ -76,7 +76,10 @@ def test_quick_cells_write_records_and_are_not_rerun(gen, tmp_path, capsys):
     cell = json.loads((out / "cells" / "HK_seed0" / "hinton" / "cell.json").read_text())
     assert cell["overrides"]["teacher_input_key"] == "teacher_image"
     assert "TeacherOutputCache(entries=" in cell["cache"]
+    assert "misses=0" in cell["cache"]  # every slice the student drew was in the fold's filled cache
+    assert hinton["cache_fill_seconds"] > 0 and cell["settings"]["cache"] == "fold"
     assert [s for s, _ in cell["curve"]] == [2, 4]
+    _check_fill_is_reproducible(gen, out)
     assert (out / "curves" / "curves_HK_seed0.png").is_file()
     assert "| hinton | 1 |" in (out / "report.md").read_text()
 
@@ -117,6 +120,29 @@ def test_quick_cells_write_records_and_are_not_rerun(gen, tmp_path, capsys):
     assert exc.value.code == 1
     assert "NOT reproduced" in capsys.readouterr().out
     assert f"torch 0.0 -> {env['torch']}" in (out / "check.txt").read_text()
+
+
+def _check_fill_is_reproducible(gen, out):
+    """Filling the fold's cache again (e.g. from another seed's job) writes the same entries, bit for bit."""
+    import torch
+
+    from monai_relkd.profiling import TorchThreads
+
+    models = out / "cells" / "HK_seed0" / "teacher" / "models"
+    (first,) = models.glob("teacher_outputs_*.pt")
+    kept = first.with_name("kept.pt")
+    first.rename(kept)
+    s = gen.make_settings(str(out), quick=True)
+    common = {"dataset_dir": str(out / "data"), "datalist_file": str(out / "cells" / "HK_seed0" / "datalist.json"),
+              "test_site": "HK", "seed": 1, "image_size": s.image_size, "num_samples": s.num_samples,
+              "batch_size": s.batch_size, "num_workers": 0, "val_every_steps": s.val_every}
+    bundle = gen.find_bundles_dir(None) / "prostate_mri_student_enet"
+    with TorchThreads(1):  # as main() ran it (the normalisation's sums, hence the slices, depend on the threads)
+        assert gen.fill_fold_cache(bundle, common, str(models / "model.pt"), s.batch_size) > 0
+        assert gen.fill_fold_cache(bundle, common, str(models / "model.pt"), s.batch_size) == 0  # exists: kept
+    a, b = (torch.load(p, weights_only=True)["entries"] for p in (kept, first))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k][0], b[k][0]) and all(map(torch.equal, a[k][1], b[k][1])) for k in a)
 
 
 def test_check_lines_compare_scores_and_environments(gen):
