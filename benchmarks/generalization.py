@@ -128,6 +128,12 @@ def config_files(row: str) -> tuple[str, ...]:
     return ("train.json", *(ROWS[row][3] if len(ROWS[row]) > 3 else ()))
 
 
+def relational(row: str) -> bool:
+    """Whether a student row keeps the kernel-matrix term, or the affinity term on the bundle's grid (not SKD's)."""
+    _, zero, extra = ROWS[row][:3]
+    return "lambda_km" not in zero or ("lambda_aa" not in zero and "distillation#aa_grid" not in extra)
+
+
 def distils(row: str) -> bool:
     """Whether a student row reads the teacher (some relational λ is kept, or it adds GKD terms)."""
     return ROWS[row][1] != LAMBDAS or len(config_files(row)) > 1
@@ -140,14 +146,15 @@ QUICK: dict[str, Any] = dict(
     folds="HK", seeds="0", rows="teacher,no_kd,full", scale=0.15, size=32, image_size=32, student_steps=4,
     teacher_steps=4, val_every=2, last_k=2, batch_size=4, num_samples=2, teacher_seed=0,
 )
-# Seconds at 64x64, 16 slices per step, 2 CPU cores. Steps: benchmarks/step_time.py on a quiet machine (2026-12-04:
-# no KD 0.152, KD from the cache 0.230, teacher training step 0.90 = lower quartile, the median was disturbed by other
-# jobs). Validation / held-out evaluation and per-cell start-up (datasets, networks): estimates, not measured alone.
-_STEP_S = {"teacher": 0.9, "no_kd": 0.152, "kd": 0.23}
-_EVAL_S = {"teacher": 6.0, "student": 2.5}
-_CELL_S = 15.0
-_CACHE_FILL_S = 40.0  # the teacher's forward over every distinct training slice and flip, once per teacher
-_MSAN_S = 120.0  # the teacher MSAN's pre-training (gkd.json's pretrain_steps, two teacher forwards per step)
+# Seconds at 48x48, 16 slices per step, one thread per job with two jobs side by side: means over the cells of the
+# reference run (docs/results.md, 2026-12-06/07, Intel Xeon): training seconds per step of each kind ("kd": logits
+# and/or SKD's 2x2 affinity, read from the cache; "kd_relational": a kernel-matrix or full-grid affinity term), one
+# validation or held-out evaluation, a cell's start-up and FSD, a fold's cache fill, the teacher MSAN's pre-training.
+_STEP_S = {"teacher": 1.31, "no_kd": 0.174, "kd": 0.17, "kd_relational": 0.30}
+_EVAL_S = {"teacher": 8.0, "student": 1.3}
+_CELL_S = 8.0
+_CACHE_FILL_S = 80.0
+_MSAN_S = 190.0
 
 
 def _csv(value: Any) -> list[str]:
@@ -261,13 +268,14 @@ def row_overrides(row: str, defaults: dict[str, Any]) -> dict[str, Any]:
 
 
 def estimate_seconds(s: Settings) -> float:
-    """Rough CPU estimate of the runs still to do, from measured per-step costs at 64x64 (scaled by pixels)."""
-    f = (s.image_size / 64) ** 2 * (s.batch_size / 16)
+    """Rough estimate of the seconds of one process for the runs still to do, from the per-step costs measured at
+    48x48 (scaled by pixels and batch size); two workers take about half."""
+    f = (s.image_size / 48) ** 2 * (s.batch_size / 16)
     evals_s = -(-s.student_steps // s.val_every) + s.last_k
     evals_t = -(-s.teacher_steps // s.val_every) + s.last_k
     per_cell = {"teacher": s.teacher_steps * _STEP_S["teacher"] * f + evals_t * _EVAL_S["teacher"] + _CELL_S}
     for row in ROWS:
-        kind = "kd" if distils(row) else "no_kd"
+        kind = "kd_relational" if relational(row) else "kd" if distils(row) else "no_kd"
         per_cell[row] = s.student_steps * _STEP_S[kind] * f + evals_s * _EVAL_S["student"] + _CELL_S
     rows = set(s.rows) | ({"teacher"} if any(r != "teacher" and distils(r) for r in s.rows) else set())
     n_teachers = len(s.folds) * len(s.teacher_seeds())
@@ -694,7 +702,7 @@ def run(s: Settings) -> list[dict[str, Any]]:
     print(f"generalization: folds {s.folds}, seeds {s.seeds}, rows {rows}; students {s.student_steps} / teacher "
           f"{s.teacher_steps} steps of {s.batch_size} slices at {s.image_size}x{s.image_size}, validation every "
           f"{s.val_every}, score over the last {s.last_k}; {len(plan)} cells, {len(todo)} to run "
-          f"(rough estimate for all {len(plan)}: {estimate_seconds(s) / 60:.0f} min on 2 CPU cores). Output: {s.out}",
+          f"(rough estimate for all {len(plan)}: {estimate_seconds(s) / 60:.0f} min in one process). Output: {s.out}",
           flush=True)
     progress = Progress(len(todo))
     data_dir = prepare_data(s)
@@ -975,7 +983,7 @@ def _run_main(args: dict[str, Any]) -> None:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()}, indent=1))
         for job in jobs if runs_side_by_side(jobs) else []:
             print(f"job {job.name}: {', '.join(job.rows)}" + (f" after {', '.join(job.after)}" if job.after else ""))
-        print(f"rough estimate: {estimate_seconds(s) / 60:.0f} min on 2 CPU cores (one process)")
+        print(f"rough estimate: {estimate_seconds(s) / 60:.0f} min in one process, about half with two workers")
         return
     failed: list[str] = []
     if runs_side_by_side(jobs):

@@ -31,6 +31,14 @@ def test_row_overrides_follow_the_bundle_defaults(gen):
     assert gen.row_overrides("full_minus_km", defaults)["distillation#lambda_km"] == 0.0
 
 
+def test_rows_with_a_relational_term_are_estimated_at_its_cost(gen, tmp_path):
+    assert [r for r in gen.ROWS if gen.relational(r)] == [
+        "full", "full_minus_aa", "full_minus_km", "espnet_full", "erfnet_full", "gkd_full"]
+    cheap = gen.make_settings(str(tmp_path), rows="no_kd,hinton")
+    costly = gen.make_settings(str(tmp_path), rows="no_kd,full")
+    assert gen.estimate_seconds(costly) > gen.estimate_seconds(cheap) > 0
+
+
 def test_settings_are_validated(gen, tmp_path):
     with pytest.raises(ValueError, match="unknown row"):
         gen.make_settings(str(tmp_path), rows="no_kd,nope")
