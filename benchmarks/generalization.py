@@ -851,9 +851,13 @@ def child_command(args: dict[str, Any], job: Job) -> list[str]:
 def run_jobs(jobs: Sequence[Job], command: Callable[[Job], list[str]], workers: int, threads: int,
              logs: Path) -> list[str]:
     """Run ``jobs`` as child processes, ``workers`` at a time and each after the jobs it waits for, with
-    ``threads`` torch/OpenMP threads each; each child's output goes to ``logs/<job>.log``. A failed job's dependents
+    ``threads`` torch/OpenMP threads each; each child's output is appended to ``logs/<job>.log`` after a line that
+    names the job, its rows and the time. A failed job's dependents
     are not started. Returns the names of the jobs that failed or were not started; on an interrupt the children are
     stopped (their finished cells are kept, so a re-run resumes)."""
+    unknown = sorted({a for job in jobs for a in job.after} - {job.name for job in jobs})
+    if unknown:  # such a job would wait forever
+        raise ValueError(f"jobs wait for {unknown}, which are not among the jobs to run")
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending, running, done, failed = list(jobs), {}, set(), []
@@ -872,7 +876,11 @@ def run_jobs(jobs: Sequence[Job], command: Callable[[Job], list[str]], workers: 
                     say(f"{job.name}: not started, it needs {', '.join(a for a in job.after if a in failed)}")
                 elif len(running) < workers and all(a in done for a in job.after):
                     pending.remove(job)
-                    log = open(logs / f"{job.name}.log", "w")  # noqa: SIM115 (closed when the child ends)
+                    # appended: a later run into the same --out (e.g. extended rows) keeps the earlier run's log
+                    log = open(logs / f"{job.name}.log", "a")  # noqa: SIM115 (closed when the child ends)
+                    log.write(f"=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {job.name}: "
+                              f"{', '.join(job.rows)} ===\n")
+                    log.flush()
                     proc = subprocess.Popen(command(job), stdout=log, stderr=subprocess.STDOUT, env=env)
                     running[job.name] = (proc, log, time.perf_counter())
                     say(f"{job.name}: {', '.join(job.rows)} started (log {log.name})")

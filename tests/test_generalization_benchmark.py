@@ -274,8 +274,13 @@ def test_run_jobs_keeps_the_order_logs_each_child_and_skips_what_a_failure_block
     ran = order.read_text().split("\n")[:-1]
     assert sorted(ran) == ["S 1", "T 1", "bad 1"]
     assert ran.index("T 1") < ran.index("S 1")
-    assert (tmp_path / "logs" / "S.log").read_text() == "working on S\n"
+    header, output = (tmp_path / "logs" / "S.log").read_text().splitlines()
+    assert header.startswith("=== ") and header.endswith(" S: no_kd ===") and output == "working on S"
     assert not (tmp_path / "logs" / "blocked.log").exists()
+    with pytest.raises(ValueError, match="wait for"):  # S waits for T, which is not given: it would never start
+        gen.run_jobs(jobs[2:3], command, workers=1, threads=1, logs=tmp_path / "logs")
+    assert gen.run_jobs([Job("S", "HK", [0], ["no_kd"])], command, workers=1, threads=1, logs=tmp_path / "logs") == []
+    assert (tmp_path / "logs" / "S.log").read_text().count("working on S") == 2  # the first run's log is kept
 
 
 def test_workers_give_the_cells_one_process_gives(gen, tmp_path, capsys):
