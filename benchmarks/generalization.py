@@ -410,7 +410,8 @@ def fill_fold_cache(bundle: Path, common: dict[str, Any], teacher_ckpt: str, bat
     training sites (any seed's training split), in a fixed order (cases by image path, slices bottom to top, each
     unflipped then flipped, ``batch_size`` at a time), whichever job runs it; a lock file makes a second job wait for
     the first and then read its file. Like a cell's score, the slices depend on torch's thread count (the intensity
-    normalisation sums over the volume), which ``--threads`` fixes for every job. ``bundle``: a student bundle (its deterministic transforms, teacher and taps)."""
+    normalisation sums over the volume), which ``--threads`` fixes for every job. ``bundle``: a student bundle (its
+    deterministic transforms, teacher and taps)."""
     import fcntl
 
     import torch
