@@ -1,5 +1,5 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
-"""Adaptive (class-balanced) pair-wise affinity distillation: exact, through C×C or N×N products, whichever is cheaper."""
+"""Adaptive (class-balanced) pair-wise affinity distillation, exact through C×C or N×N products (the cheaper)."""
 
 from __future__ import annotations
 
