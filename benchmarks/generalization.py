@@ -422,7 +422,8 @@ def fill_fold_cache(bundle: Path, common: dict[str, Any], teacher_ckpt: str, bat
     from monai_relkd.engines.trainer import DistillationLossAdapter
 
     defaults = json.loads((bundle / "configs" / "train.json").read_text())["distillation"]
-    path = fold_cache_path(teacher_ckpt, [tap["teacher"] for tap in defaults["taps"]])
+    teacher_taps = [tap["teacher"] for tap in defaults["taps"]]
+    path = fold_cache_path(teacher_ckpt, teacher_taps)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
         if path.is_file():
@@ -433,7 +434,7 @@ def fill_fold_cache(bundle: Path, common: dict[str, Any], teacher_ckpt: str, bat
                               **(teacher_overrides or {})})
         parser = workflow.parser
         teacher = parser.get_parsed_content("teacher")
-        taps = FeatureTaps(teacher, [tap["teacher"] for tap in defaults["taps"]], detach=True)
+        taps = FeatureTaps(teacher, teacher_taps, detach=True)
         teacher_fn = DistillationLossAdapter(None, teacher, FeatureTaps(torch.nn.Identity(), []), taps)._teacher_forward
         load = Compose(parser.get_parsed_content("train#deterministic_transforms"))
         split = bundle_datalist(common["dataset_dir"], test_site=common["test_site"], seed=common["seed"])
