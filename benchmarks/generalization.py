@@ -140,17 +140,20 @@ def distils(row: str) -> bool:
 
 DEFAULTS: dict[str, Any] = dict(
     folds="HK,UCL,BMC", seeds="0,1,2", rows=",".join(STANDARD_ROWS), scale=1.0, size=96, image_size=48,
-    student_steps=800, teacher_steps=600, val_every=100, last_k=3, batch_size=16, num_samples=4, teacher_seed=0,
+    student_steps=800, teacher_steps=900, val_every=100, last_k=3, batch_size=16, num_samples=4, teacher_seed=0,
+    teacher_precision="bfloat16",
 )
 QUICK: dict[str, Any] = dict(
     folds="HK", seeds="0", rows="teacher,no_kd,full", scale=0.15, size=32, image_size=32, student_steps=4,
-    teacher_steps=4, val_every=2, last_k=2, batch_size=4, num_samples=2, teacher_seed=0,
+    teacher_steps=4, val_every=2, last_k=2, batch_size=4, num_samples=2, teacher_seed=0, teacher_precision="bfloat16",
 )
 # Seconds at 48x48, 16 slices per step, one thread per job with two jobs side by side: means over the cells of the
 # reference run (docs/results.md, 2026-12-06/07, Intel Xeon): training seconds per step of each kind ("kd": logits
 # and/or SKD's 2x2 affinity, read from the cache; "kd_relational": a kernel-matrix or full-grid affinity term), one
 # validation or held-out evaluation, a cell's start-up and FSD, a fold's cache fill, the teacher MSAN's pre-training.
-_STEP_S = {"teacher": 1.31, "no_kd": 0.174, "kd": 0.17, "kd_relational": 0.30}
+# The teacher's step is that run's float32 step (1.31 s) times the bfloat16/float32 ratio of one step measured on one
+# thread (1.02 / 1.44 s, AMX): 0.93 s.
+_STEP_S = {"teacher": 0.93, "no_kd": 0.174, "kd": 0.17, "kd_relational": 0.30}
 _EVAL_S = {"teacher": 8.0, "student": 1.3}
 _CELL_S = 8.0
 _CACHE_FILL_S = 80.0
@@ -188,6 +191,7 @@ class Settings:
     force: bool = False
     merge: str | None = None
     teacher_output_stride: int | None = None
+    teacher_precision: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def cell_settings(self, row: str) -> dict[str, Any]:
@@ -201,6 +205,10 @@ class Settings:
             out["teacher_seed"] = self.teacher_seed
         if self.teacher_output_stride is not None and (row == "teacher" or distils(row)):
             out["teacher_output_stride"] = self.teacher_output_stride
+        if self.teacher_precision is not None and (row == "teacher" or distils(row)):
+            out["teacher_precision"] = self.teacher_precision
+        if row != "teacher" and distils(row):  # a re-trained teacher re-runs the students that read it
+            out["teacher_steps"] = self.teacher_steps
         return out
 
     def _cache_setting(self, row: str) -> bool | str:
@@ -216,6 +224,13 @@ class Settings:
             return {}
         key = "network_def#output_stride" if row == "teacher" else "distillation#teacher#network_def#output_stride"
         return {key: self.teacher_output_stride}
+
+    def teacher_training_overrides(self) -> dict[str, Any]:
+        """The teacher row's training inferer: the forward under ``torch.autocast`` in ``teacher_precision`` (none:
+        float32, the bundle's ``SimpleInferer``). Validation and the students' teacher forward stay float32."""
+        if self.teacher_precision is None:
+            return {}
+        return {"train#inferer": {"_target_": "monai_relkd.inferers.AutocastInferer", "dtype": self.teacher_precision}}
 
     def cell_todo(self, fold: str, seed: int, row: str) -> bool:
         """Whether the cell is to be run: not finished with these settings, or ``force`` and ``row`` asked for (a
@@ -253,6 +268,10 @@ def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
             raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
     if s.teacher_output_stride is not None and s.teacher_output_stride not in (8, 16):
         raise ValueError(f"teacher_output_stride must be 8 or 16, got {s.teacher_output_stride!r}")
+    if str(s.teacher_precision).lower() in ("none", "float32"):
+        s.teacher_precision = None
+    if s.teacher_precision not in (None, "bfloat16", "float16"):
+        raise ValueError(f"teacher_precision must be bfloat16, float16 or float32, got {s.teacher_precision!r}")
     if s.last_k * s.val_every > min(s.student_steps, s.teacher_steps) + s.val_every - 1:
         raise ValueError(f"last_k ({s.last_k}) evaluations every {s.val_every} steps do not fit in "
                          f"{min(s.student_steps, s.teacher_steps)} steps")
@@ -729,7 +748,8 @@ def run(s: Settings) -> list[dict[str, Any]]:
                 extra_record: dict[str, Any] = {}
                 if row == "teacher":
                     bundle, network, dist = bundles / TEACHER, "deeplabv3plus", None
-                    extra: dict[str, Any] = {"num_steps": s.teacher_steps, **s.teacher_overrides(row)}
+                    extra: dict[str, Any] = {"num_steps": s.teacher_steps, **s.teacher_overrides(row),
+                                             **s.teacher_training_overrides()}
                     tap = "aspp"
                 else:
                     network = ROWS[row][0]
@@ -931,8 +951,8 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
          num_samples: int | None = None, cache: bool = True, teacher_seed: int | str | None = None,
          data: str | None = None, data_seed: int = 0,
          bundles: str | None = None, force: bool = False, merge: str | None = None, check: str | None = None,
-         teacher_output_stride: int | None = None, workers: int | None = None, threads: int = 1,
-         dry_run: bool = False) -> None:
+         teacher_output_stride: int | None = None, teacher_precision: str | None = None,
+         workers: int | None = None, threads: int = 1, dry_run: bool = False) -> None:
     """Run the benchmark (see the module docstring); ``--dry_run`` prints the plan and the estimate only.
 
     Args:
@@ -959,6 +979,9 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
         teacher_output_stride: the teacher's DeepLabV3+ output stride, 8 or 16 (default: the teacher bundle's, 16);
             given to the teacher row and to every student that builds the teacher to read it. At 48×48 inputs,
             stride 16 leaves a 3×3 map to the ASPP.
+        teacher_precision: the teacher row's training forward under ``torch.autocast`` in this dtype (default
+            ``bfloat16``: 0.7× the float32 step on a CPU with AMX; slower than float32 on a CPU without bfloat16
+            support), or ``float32``. Its validation, and the teacher outputs the students read, are float32.
         check: a ``results.json`` to compare this run's cells with (e.g. the committed one, after re-running one
             cell): per cell the two scores, their difference and any difference of environment are printed and
             written to ``OUT/check.txt``; the command exits with status 1 if a score differs by more than 0.01.

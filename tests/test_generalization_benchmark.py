@@ -222,6 +222,22 @@ def test_teacher_output_stride_reaches_the_teacher_and_the_students_that_read_it
     assert cells["teacher"]["record"]["fsd"]["tap"] == "aspp"
 
 
+def test_teacher_precision_trains_the_teacher_under_autocast_and_re_runs_the_students_that_read_it(gen, tmp_path):
+    with pytest.raises(ValueError, match="teacher_precision must be"):
+        gen.make_settings(str(tmp_path), quick=True, teacher_precision="int8")
+    s = gen.make_settings(str(tmp_path), quick=True)
+    assert s.teacher_training_overrides()["train#inferer"] == {
+        "_target_": "monai_relkd.inferers.AutocastInferer", "dtype": "bfloat16"}
+    assert gen.make_settings(str(tmp_path), quick=True, teacher_precision="float32").teacher_training_overrides() == {}
+    assert s.cell_settings("teacher")["teacher_precision"] == "bfloat16"
+    assert s.cell_settings("full")["teacher_precision"] == "bfloat16"
+    assert "teacher_precision" not in s.cell_settings("no_kd")  # reads no teacher: its cells stay valid
+    # a student distilled from a teacher of other steps is not "done": before, it was kept after a teacher re-run
+    longer = gen.make_settings(str(tmp_path), quick=True, teacher_steps=6)
+    assert longer.cell_settings("full") != s.cell_settings("full")
+    assert longer.cell_settings("no_kd") == s.cell_settings("no_kd")
+
+
 def test_fsd_builds_the_network_with_the_cell_s_overrides():
     from monai_relkd.evaluation.fsd import _bundle_parts
 
