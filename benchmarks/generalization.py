@@ -29,8 +29,8 @@ training sites' and the held-out site's globally pooled features of prostate sli
 same tap for every row of one network; the teacher's at its own first tap (``aspp``).
 
 Schedule (optimizer steps of ``batch_size`` slices, poly LR, see the bundles' model cards): students
-``student_steps`` (800), teacher ``teacher_steps``, validation on the training sites' validation cases every
-``val_every`` steps. The held-out site is never used for any choice: it is evaluated (Dice per case at the networks'
+``student_steps`` (800), teacher ``teacher_steps`` (900, its training forward in ``teacher_precision``, bfloat16 by
+default), validation on the training sites' validation cases every ``val_every`` steps. The held-out site is never used for any choice: it is evaluated (Dice per case at the networks'
 resolution, ``image_size``) at each of the last ``last_k`` validations, and the **score** of a cell is the mean
 held-out Dice over those ``last_k`` evaluations (declared in ``docs/results.md``). Distilled students read the
 teacher through a :class:`monai_relkd.engines.TeacherOutputCache` filled once per fold teacher, before its first
@@ -57,7 +57,8 @@ ends. The thread count is fixed because a cell's score depends on it: the same c
 2 threads and 0.665 with 1 (docs/results.md). A cell's score does not depend on whether it ran in a child or alone.
 
 A cell whose ``cell.json`` exists with the same settings is not run again (``--force`` re-runs), so an interrupted
-benchmark resumes where it stopped. Examples::
+benchmark resumes where it stopped; a distilled student's settings include its teacher's, so a re-trained teacher
+re-runs them. Examples::
 
     flock /tmp/relkd-cpu.lock nice python benchmarks/generalization.py --out /work/runs/loso
     python benchmarks/generalization.py --folds HK --seeds 0 --rows no_kd --out DIR
