@@ -30,8 +30,9 @@ same tap for every row of one network; the teacher's at its own first tap (``asp
 
 Schedule (optimizer steps of ``batch_size`` slices, poly LR, see the bundles' model cards): students
 ``student_steps`` (800), teacher ``teacher_steps`` (900, its training forward in ``teacher_precision``, bfloat16 by
-default), validation on the training sites' validation cases every ``val_every`` steps. The held-out site is never used for any choice: it is evaluated (Dice per case at the networks'
-resolution, ``image_size``) at each of the last ``last_k`` validations, and the **score** of a cell is the mean
+default), validation on the training sites' validation cases every ``val_every`` steps. The held-out site is never
+used for any choice: it is evaluated (Dice per case at the networks' resolution, ``image_size``) at each of the last
+``last_k`` validations, and the **score** of a cell is the mean
 held-out Dice over those ``last_k`` evaluations (declared in ``docs/results.md``). Distilled students read the
 teacher through a :class:`monai_relkd.engines.TeacherOutputCache` filled once per fold teacher, before its first
 student, with every training-site slice and flip in a fixed order (:func:`fill_fold_cache`, saved beside the teacher's
@@ -152,9 +153,9 @@ QUICK: dict[str, Any] = dict(
 # reference run (docs/results.md, 2026-12-06/07, Intel Xeon): training seconds per step of each kind ("kd": logits
 # and/or SKD's 2x2 affinity, read from the cache; "kd_relational": a kernel-matrix or full-grid affinity term), one
 # validation or held-out evaluation, a cell's start-up and FSD, a fold's cache fill, the teacher MSAN's pre-training.
-# The teacher's step is that run's float32 step (1.31 s) times the bfloat16/float32 ratio of one step measured on one
-# thread (1.02 / 1.44 s, AMX): 0.93 s.
-_STEP_S = {"teacher": 0.93, "no_kd": 0.174, "kd": 0.17, "kd_relational": 0.30}
+# The teacher's step is the 900-step bfloat16 run's (2026-12-07, same machine type, a slower session: its float32
+# student cells took 0.90-1.29x their time in the reference run): 1.07-1.10 s.
+_STEP_S = {"teacher": 1.09, "no_kd": 0.174, "kd": 0.17, "kd_relational": 0.30}
 _EVAL_S = {"teacher": 8.0, "student": 1.3}
 _CELL_S = 8.0
 _CACHE_FILL_S = 80.0
