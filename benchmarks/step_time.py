@@ -27,6 +27,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from monai_relkd.engines import FeatureTaps
+from monai_relkd.inferers import AutocastInferer
 from monai_relkd.losses import RelationalDistillationLoss
 from monai_relkd.networks import DeepLabV3Plus, ENet, ERFNet, ESPNet
 
@@ -97,10 +98,10 @@ def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int =
 
     t_opt = torch.optim.AdamW(teacher.parameters(), 3e-4)
 
-    def teacher_step() -> None:
+    def teacher_step(forward: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor] = lambda a, n: n(a)) -> None:
         teacher.train()
         t_opt.zero_grad(set_to_none=True)
-        seg(teacher(x), y).backward()
+        seg(forward(x, teacher), y).backward()
         t_opt.step()
         teacher.eval()
 
@@ -110,6 +111,8 @@ def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int =
         f"{student} step, KD + cached teacher": lambda: step(kd_cached),
         "teacher forward only (no_grad)": teacher_forward,
         "teacher training step": teacher_step,
+        # the generalization benchmark's teacher row (--teacher_precision bfloat16): its forward under autocast
+        "teacher training step, bfloat16 forward": lambda: teacher_step(AutocastInferer("bfloat16")),
     }
     print(f"image {image_size}x{image_size}, {batch} slices per step, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; median [IQR] of {repeats} steps after {warmup} warm-up", flush=True)
