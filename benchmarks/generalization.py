@@ -982,8 +982,9 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
             given to the teacher row and to every student that builds the teacher to read it. At 48×48 inputs,
             stride 16 leaves a 3×3 map to the ASPP.
         teacher_precision: the teacher row's training forward under ``torch.autocast`` in this dtype (default
-            ``bfloat16``: 0.71–0.77× the float32 step on a CPU with AMX, ``benchmarks/step_time.py``; slower than float32 on a CPU without bfloat16
-            support), or ``float32``. Its validation, and the teacher outputs the students read, are float32.
+            ``bfloat16``: 0.71–0.77× the float32 step on a CPU with AMX, ``benchmarks/step_time.py``; slower than
+            float32 on a CPU without bfloat16 support), or ``float32``. Its validation, and the teacher outputs the
+            students read, are float32.
         check: a ``results.json`` to compare this run's cells with (e.g. the committed one, after re-running one
             cell): per cell the two scores, their difference and any difference of environment are printed and
             written to ``OUT/check.txt``; the command exits with status 1 if a score differs by more than 0.01.
