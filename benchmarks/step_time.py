@@ -10,6 +10,11 @@ the CPU lock on a shared machine::
 
     flock /tmp/relkd-cpu.lock nice python benchmarks/step_time.py
     python benchmarks/step_time.py --image_size 64 --batch 16 --repeats 10 --student enet
+    python benchmarks/step_time.py --image_size 48 --threads 1 --adamw foreach   # the bundles' optimizer before
+
+Every kind's AdamW takes the bundle's options (``--adamw bundle``, the default: weight decay and ``fused``/``foreach``
+from ``configs/train.json``), or one implementation for all: ``plain`` (torch's default on the CPU, one tensor at a
+time), ``foreach`` or ``fused``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ from monai_relkd.networks import DeepLabV3Plus, ENet, ERFNet, ESPNet
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 STUDENTS = {"enet": ENet, "espnet": ESPNet, "erfnet": ERFNet}
+ADAMW_CHOICES = ("bundle", "plain", "foreach", "fused")
+
+
+def adamw_options(config: dict[str, Any], choice: str) -> dict[str, Any]:
+    """AdamW keyword arguments besides params and lr: the bundle config's (``"bundle"``) or one implementation's."""
+    if choice not in ADAMW_CHOICES:
+        raise ValueError(f"--adamw must be one of {ADAMW_CHOICES}, got {choice!r}.")
+    options = {k: v for k, v in config["optimizer"].items() if k not in ("_target_", "params", "lr")}
+    if choice != "bundle":
+        options = {k: v for k, v in options.items() if k not in ("foreach", "fused")}
+        options.update({} if choice == "plain" else {choice: True})
+    return options
 
 
 def _time(step: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float, float, float]:
@@ -51,11 +68,13 @@ def _time(step: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, fl
 
 
 def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int = 2, student: str = "enet",
-         threads: int | None = None) -> None:
+         threads: int | None = None, adamw: str = "bundle") -> None:
     """Time one optimizer step of each kind and print the medians."""
     if threads:
         torch.set_num_threads(int(threads))
     cfg = json.loads((BUNDLES / f"prostate_mri_student_{student}" / "configs" / "train.json").read_text())
+    t_cfg = json.loads((BUNDLES / "prostate_mri_teacher" / "configs" / "train.json").read_text())
+    s_opt, t_opt_options = adamw_options(cfg, adamw), adamw_options(t_cfg, adamw)
     dist = cfg["distillation"]
     taps = dist["taps"]
     x = torch.randn(batch, 1, image_size, image_size)
@@ -69,7 +88,7 @@ def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int =
         aa_grid=dist["aa_grid"], num_classes=2)
     s_taps = FeatureTaps(net, [t["student"] for t in taps])
     t_taps = FeatureTaps(teacher.eval(), [t["teacher"] for t in taps], detach=True)
-    opt = torch.optim.AdamW(list(net.parameters()) + list(kd.parameters()), 1e-3)
+    opt = torch.optim.AdamW(list(net.parameters()) + list(kd.parameters()), 1e-3, **s_opt)
     seg = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def teacher_forward() -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -96,7 +115,7 @@ def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int =
     def kd_cached(logits: torch.Tensor) -> torch.Tensor:
         return kd(logits, cached_logits.float(), s_taps.features(), [f.float() for f in cached_feats], y)["loss"]
 
-    t_opt = torch.optim.AdamW(teacher.parameters(), 3e-4)
+    t_opt = torch.optim.AdamW(teacher.parameters(), 3e-4, **t_opt_options)
 
     def teacher_step(forward: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor] = lambda a, n: n(a)) -> None:
         teacher.train()
@@ -115,7 +134,8 @@ def main(image_size: int = 64, batch: int = 16, repeats: int = 10, warmup: int =
         "teacher training step, bfloat16 forward": lambda: teacher_step(AutocastInferer("bfloat16")),
     }
     print(f"image {image_size}x{image_size}, {batch} slices per step, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; median [IQR] of {repeats} steps after {warmup} warm-up", flush=True)
+          f"torch {torch.__version__}; median [IQR] of {repeats} steps after {warmup} warm-up; AdamW "
+          f"{s_opt} (student), {t_opt_options} (teacher)", flush=True)
     for kind, fn in kinds.items():
         med, q1, q3, cpu = _time(fn, warmup, repeats)
         print(f"  {kind:40s} {med:6.3f} s  [{q1:.3f}-{q3:.3f}]  CPU {cpu:6.3f} s", flush=True)
