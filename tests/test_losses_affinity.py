@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_losses_reference import aa_reference, one_hot, softmax
 
 from monai_relkd.losses import AdaptiveAffinityLoss
+from monai_relkd.losses.affinity import _adaptive_pool
 
 MODES = ("uniform", "label", "teacher")
 
@@ -271,3 +273,21 @@ def test_default_form_is_the_cheaper_one_and_gives_the_same_loss() -> None:
     assert loss(f_s, f_t, label=label).item() == pytest.approx(linear.item(), rel=1e-9)
     with pytest.raises(ValueError, match="naive"):
         AdaptiveAffinityLoss(naive="yes")
+
+
+@pytest.mark.parametrize(
+    "shape,size",
+    [((2, 3, 3, 3), (16, 16)), ((2, 3, 12, 12), (16, 16)), ((2, 3, 48, 40), (16, 7)), ((2, 3, 5, 7, 9), (4, 16, 3)),
+     ((2, 3, 17), (5,)), ((2, 3, 6, 6), (6, 16))],
+)
+def test_average_pooling_equals_torch_adaptive_pooling(shape, size) -> None:
+    """The matrix-product average pooling: the same values and gradients as ``F.adaptive_avg_pool*d`` (up/down)."""
+    torch_pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randn((shape[0], shape[1]) + size, dtype=torch.float64)
+    ours = _adaptive_pool(x, size, "avg")
+    (g_ours,) = torch.autograd.grad((ours * y).sum(), x)
+    ref = torch_pool(x, size)
+    (g_ref,) = torch.autograd.grad((ref * y).sum(), x)
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-13) and torch.allclose(g_ours, g_ref, rtol=0, atol=1e-13)
