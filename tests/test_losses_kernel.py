@@ -14,8 +14,9 @@ from monai_relkd.losses import KernelMatrixLoss
 @pytest.mark.parametrize(
     "s_shape,t_shape", [((2, 3, 4, 4), (2, 5, 2, 3)), ((2, 2, 2, 3, 4), (2, 4, 3, 3, 3))]
 )
-def test_matches_reference(s_shape, t_shape, normalize) -> None:
-    loss = KernelMatrixLoss(s_shape[1], t_shape[1], normalize=normalize).double()
+@pytest.mark.parametrize("factored", [False, True])
+def test_matches_reference(s_shape, t_shape, normalize, factored) -> None:
+    loss = KernelMatrixLoss(s_shape[1], t_shape[1], normalize=normalize, factored=factored).double()
     with torch.no_grad():  # a non-trivial connector
         loss.connector_weight.normal_()
         loss.connector_bias.normal_()
@@ -165,3 +166,34 @@ def test_option_validation() -> None:
         KernelMatrixLoss(2, 2, reduction="max")
     with pytest.raises(ValueError, match="eps"):
         KernelMatrixLoss(2, 2, eps=0)
+
+
+def test_factored_gram_gives_the_same_loss_and_gradients() -> None:
+    f_t = torch.randn(3, 32, 6, 6, dtype=torch.float64)
+    grads = []
+    for factored in (False, True):
+        torch.manual_seed(0)
+        loss = KernelMatrixLoss(8, 32, factored=factored).double()
+        f_s = torch.randn(3, 8, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+                          requires_grad=True)
+        value = loss(f_s, f_t)
+        value.backward()
+        grads.append((value.item(), f_s.grad, loss.connector_weight.grad, loss.connector_bias.grad))
+    (v0, *g0), (v1, *g1) = grads
+    assert v1 == pytest.approx(v0, rel=1e-12)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_default_gram_form_is_the_cheaper_one() -> None:
+    # the ENet student's taps at 48×48: the decoder's 12×12 map of 64 channels is cheaper through X Xᵀ, the
+    # encoder's 6×6 map of 128 channels through the connector's output
+    assert KernelMatrixLoss(64, 256).uses_factored(144)
+    assert not KernelMatrixLoss(128, 256).uses_factored(36)
+    assert not KernelMatrixLoss(64, 256, factored=False).uses_factored(144)
+    assert KernelMatrixLoss(128, 256, factored=True).uses_factored(36)
+    assert not KernelMatrixLoss(64, 256, connector_norm="batch").uses_factored(144)  # the BatchNorm needs the map
+    with pytest.raises(ValueError, match="factored=True needs connector_norm"):
+        KernelMatrixLoss(64, 256, connector_norm="batch", factored=True)
+    with pytest.raises(ValueError, match="factored must be"):
+        KernelMatrixLoss(64, 256, factored="yes")

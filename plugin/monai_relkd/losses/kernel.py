@@ -56,6 +56,13 @@ class KernelMatrixLoss(_Loss):
     The Gram matrices and the reduction are computed in float32 (float64 for float64 inputs), also under
     ``torch.autocast``.
 
+    Without the BatchNorm the student's Gram matrix can be formed without the connector's C_t-channel map: with
+    ``X`` the (C_s × N) features and ``m = X 1 / N``,
+    ``G_s = W (X Xᵀ / N) Wᵀ + (W m) bᵀ + b (W m)ᵀ + b bᵀ``, which costs ``C_s²·N + C_t·C_s² + C_t²·C_s``
+    multiply-adds per sample instead of ``C_t·C_s·N + C_t²·N``. By default (``factored=None``) each call takes the
+    cheaper form for its sizes (the ENet student's decoder tap, 64 channels against 256 teacher channels: half the
+    multiply-adds at 12×12, a thirteenth at 48×48); both give the same loss up to rounding.
+
     Shapes:
         - ``student_features``: (B, C_s, *S_s), S_s = (H, W) or (D, H, W).
         - ``teacher_features``: (B, C_t, *S_t), same B and number of spatial dims; S_t may differ from S_s.
@@ -79,6 +86,7 @@ class KernelMatrixLoss(_Loss):
         normalize: str = "frobenius",
         connector_norm: str | None = None,
         eps: float = 1e-12,
+        factored: bool | None = None,
         reduction: LossReduction | str = LossReduction.MEAN,
     ) -> None:
         """
@@ -88,6 +96,9 @@ class KernelMatrixLoss(_Loss):
             normalize: ``"frobenius"`` (default), ``"row"`` or ``"none"``: how each Gram matrix is normalised.
             connector_norm: ``None``/``"none"`` (default) or ``"batch"``: a BatchNorm after the 1×1 connector.
             eps: lower bound of the norms divided by (guards all-zero features).
+            factored: True: form the student's Gram matrix from ``X Xᵀ`` and the connector (see above); False:
+                from the connector's output; None (default): whichever costs fewer multiply-adds, see
+                :meth:`uses_factored`. True needs ``connector_norm`` None/"none".
             reduction: ``"mean"`` (default) or ``"sum"`` over the batch, or ``"none"`` for per-sample values (B,).
 
         Raises:
@@ -106,6 +117,11 @@ class KernelMatrixLoss(_Loss):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"eps must be a number > 0, got {eps!r}.")
         self.eps = float(eps)
+        if factored is not None and not isinstance(factored, bool):
+            raise ValueError(f"factored must be True, False or None, got {factored!r}.")
+        if factored and connector_norm == "batch":
+            raise ValueError('factored=True needs connector_norm None: the BatchNorm acts on the connector\'s output.')
+        self.factored = factored
         self.connector_weight = nn.Parameter(torch.empty(teacher_channels, student_channels))
         self.connector_bias = nn.Parameter(torch.empty(teacher_channels))
         self.connector_bn = nn.BatchNorm1d(teacher_channels) if connector_norm == "batch" else None
@@ -151,15 +167,35 @@ class KernelMatrixLoss(_Loss):
                 bn.num_batches_tracked.add_(1)
         return out
 
+    def uses_factored(self, pixels: int) -> bool:
+        """Whether a call with ``pixels`` student pixels per sample forms the student's Gram matrix from ``X Xᵀ``:
+        ``factored`` when set, else without the BatchNorm and when ``C_s²·N + C_t·C_s² + C_t²·C_s`` is less than
+        ``C_t·C_s·N + C_t²·N``."""
+        if self.factored is not None or self.connector_bn is not None:
+            return bool(self.factored)
+        cs, ct, n = self.student_channels, self.teacher_channels, pixels
+        return cs * cs * n + ct * cs * cs + ct * ct * cs < ct * cs * n + ct * ct * n
+
+    def student_gram(self, student_features: torch.Tensor) -> torch.Tensor:
+        """The unnormalised Gram matrix of the connector's output for (B, C_s, *S) student features: (B, C_t, C_t)."""
+        flat = student_features.reshape(student_features.shape[0], self.student_channels, -1)
+        if not self.uses_factored(flat.shape[-1]):
+            return self.gram(self.connector(student_features))
+        w = self.connector_weight.to(flat.dtype)
+        b = self.connector_bias.to(flat.dtype)
+        u = self.gram(flat)  # (B, C_s, C_s) = X Xᵀ / N
+        wm = torch.matmul(flat.mean(dim=-1), w.t())  # (B, C_t) = W m
+        cross = wm.unsqueeze(2) * b.view(1, 1, -1)  # (B, C_t, C_t) = (W m) bᵀ
+        return torch.matmul(torch.matmul(w, u), w.t()) + cross + cross.transpose(1, 2) + torch.outer(b, b)
+
     @staticmethod
     def gram(features: torch.Tensor) -> torch.Tensor:
         """Per-sample Gram matrix ``F Fᵀ / N`` of (B, C, *S) features: (B, C, C)."""
         flat = features.reshape(features.shape[0], features.shape[1], -1)
         return torch.matmul(flat, flat.transpose(1, 2)) / flat.shape[-1]
 
-    def normalized_gram(self, features: torch.Tensor) -> torch.Tensor:
-        """The Gram matrix of (B, C, *S) features, normalised as ``normalize`` says: (B, C, C)."""
-        g = self.gram(features)
+    def normalize_gram(self, g: torch.Tensor) -> torch.Tensor:
+        """A (B, C, C) Gram matrix normalised as ``normalize`` says: (B, C, C)."""
         if self.normalize == "frobenius":
             norm = g.flatten(1).norm(dim=1).clamp_min(self.eps)
             return g / norm.view(-1, 1, 1)
@@ -205,8 +241,8 @@ class KernelMatrixLoss(_Loss):
         self._check_inputs(student_features, teacher_features)
         dtype = _compute_dtype(student_features, teacher_features)
         with _no_autocast(student_features.device):
-            g_s = self.normalized_gram(self.connector(student_features.to(dtype)))
-            g_t = self.normalized_gram(teacher_features.detach().to(dtype))
+            g_s = self.normalize_gram(self.student_gram(student_features.to(dtype)))
+            g_t = self.normalize_gram(self.gram(teacher_features.detach().to(dtype)))
             per_sample = (g_s - g_t).pow(2).sum(dim=(1, 2))
             if self.normalize == "none":
                 per_sample = per_sample / float(self.teacher_channels**2)
