@@ -154,8 +154,11 @@ QUICK: dict[str, Any] = dict(
 # and/or SKD's 2x2 affinity, read from the cache; "kd_relational": a kernel-matrix or full-grid affinity term), one
 # validation or held-out evaluation, a cell's start-up and FSD, a fold's cache fill, the teacher MSAN's pre-training.
 # The teacher's step is the 900-step bfloat16 run's (2026-12-07, same machine type, a slower session: its float32
-# student cells took 0.90-1.29x their time in the reference run): 1.07-1.10 s.
-_STEP_S = {"teacher": 1.09, "no_kd": 0.174, "kd": 0.17, "kd_relational": 0.30}
+# student cells took 0.90-1.29x their time in the reference run): 1.07-1.10 s. The teacher and "kd_relational" steps
+# are then scaled by benchmarks/step_time.py's ratios for the fused AdamW and the matrix-product affinity pooling
+# (teacher 0.756 / 0.926 s, distilled ENet 0.270 / 0.310 s, 2026-12-07), the students' steps by a 200-step no_kd
+# cell's without the training post-processing (39.7 / 42.1 s): not yet measured in a run.
+_STEP_S = {"teacher": 0.89, "no_kd": 0.164, "kd": 0.16, "kd_relational": 0.245}
 _EVAL_S = {"teacher": 8.0, "student": 1.3}
 _CELL_S = 8.0
 _CACHE_FILL_S = 80.0
