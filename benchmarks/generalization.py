@@ -29,7 +29,8 @@ training sites' and the held-out site's globally pooled features of prostate sli
 same tap for every row of one network; the teacher's at its own first tap (``aspp``).
 
 Schedule (optimizer steps of ``batch_size`` slices, poly LR, see the bundles' model cards): students
-``student_steps`` (800), teacher ``teacher_steps`` (900, its training forward in ``teacher_precision``, bfloat16 by
+``student_steps`` (800), teacher ``teacher_steps`` (900, and 1600 for the UCL fold, whose teacher is still rising at 900
+and 1200 steps by the plateau rule of ``docs/results.md``; its training forward in ``teacher_precision``, bfloat16 by
 default), validation on the training sites' validation cases every ``val_every`` steps. The held-out site is never
 used for any choice: it is evaluated (Dice per case at the networks' resolution, ``image_size``) at each of the last
 ``last_k`` validations, and the **score** of a cell is the mean
@@ -142,7 +143,7 @@ def distils(row: str) -> bool:
 
 DEFAULTS: dict[str, Any] = dict(
     folds="HK,UCL,BMC", seeds="0,1,2", rows=",".join(STANDARD_ROWS), scale=1.0, size=96, image_size=48,
-    student_steps=800, teacher_steps=900, val_every=100, last_k=3, batch_size=16, num_samples=4, teacher_seed=0,
+    student_steps=800, teacher_steps="900,UCL=1600", val_every=100, last_k=3, batch_size=16, num_samples=4, teacher_seed=0,
     teacher_precision="bfloat16",
 )
 QUICK: dict[str, Any] = dict(
@@ -197,11 +198,16 @@ class Settings:
     merge: str | None = None
     teacher_output_stride: int | None = None
     teacher_precision: str | None = None
+    teacher_steps_by_fold: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def cell_settings(self, row: str) -> dict[str, Any]:
-        """What a cell's result depends on (a cell is re-run when this changes)."""
-        steps = self.teacher_steps if row == "teacher" else self.student_steps
+    def teacher_steps_for(self, fold: str) -> int:
+        """The optimizer steps of ``fold``'s teacher: its own (``--teacher_steps UCL=1600``) or ``teacher_steps``."""
+        return int(self.teacher_steps_by_fold.get(fold, self.teacher_steps))
+
+    def cell_settings(self, row: str, fold: str) -> dict[str, Any]:
+        """What the cell (``fold``, any seed, ``row``)'s result depends on (a cell is re-run when this changes)."""
+        steps = self.teacher_steps_for(fold) if row == "teacher" else self.student_steps
         out = {"scale": self.scale, "size": self.size, "image_size": self.image_size, "steps": steps,
                "val_every": self.val_every, "last_k": self.last_k, "batch_size": self.batch_size,
                "num_samples": self.num_samples, "cache": self._cache_setting(row), "data": self.data,
@@ -213,7 +219,7 @@ class Settings:
         if self.teacher_precision is not None and (row == "teacher" or distils(row)):
             out["teacher_precision"] = self.teacher_precision
         if row != "teacher" and distils(row):  # a re-trained teacher re-runs the students that read it
-            out["teacher_steps"] = self.teacher_steps
+            out["teacher_steps"] = self.teacher_steps_for(fold)
         return out
 
     def _cache_setting(self, row: str) -> bool | str:
@@ -242,11 +248,39 @@ class Settings:
         teacher run only because its students need it is not re-trained by ``force``)."""
         if self.force and row in self.rows:
             return True
-        return _done(self.out / "cells" / f"{fold}_seed{seed}" / row, self.cell_settings(row)) is None
+        return _done(self.out / "cells" / f"{fold}_seed{seed}" / row, self.cell_settings(row, fold)) is None
 
     def teacher_seeds(self) -> list[int]:
         """The seeds a teacher is trained for: every seed, or ``teacher_seed`` alone (shared by all seeds)."""
         return list(self.seeds) if self.teacher_seed is None else [self.teacher_seed]
+
+
+def parse_teacher_steps(value: Any) -> tuple[int | None, dict[str, int]]:
+    """``--teacher_steps``: one number for every fold, ``FOLD=N`` pairs, or both (``900,UCL=1600``: 1600 for UCL, 900
+    for the others). Returns the number for the folds not named (``None`` if none is given) and the pairs."""
+    if isinstance(value, dict):
+        items = [f"{k}={v}" for k, v in value.items()]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        items = [str(value)]
+    else:
+        items = _csv(value)
+    default: int | None = None
+    by_fold: dict[str, int] = {}
+    for item in items:
+        fold, sep, number = item.rpartition("=")
+        try:
+            steps = int(number)
+        except ValueError:
+            steps = 0
+        if steps < 1 or (sep and not fold.strip()):
+            raise ValueError(f"teacher_steps: {item!r} is not a number of steps >= 1 or FOLD=STEPS (got {value!r})")
+        if not sep and default is not None:
+            raise ValueError(f"teacher_steps: two numbers for the folds not named ({default} and {steps}) in {value!r}")
+        if sep:
+            by_fold[fold.strip()] = steps
+        else:
+            default = steps
+    return default, by_fold
 
 
 def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
@@ -260,6 +294,15 @@ def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
     if values.get("data") is None and [f for f in folds if f not in SITES]:
         raise ValueError(f"unknown fold(s) {[f for f in folds if f not in SITES]}; the sites are {list(SITES)}")
     seeds = [int(s) for s in _csv(values.pop("seeds"))]
+    default_steps, values["teacher_steps_by_fold"] = parse_teacher_steps(values["teacher_steps"])
+    named = [f for f in values["teacher_steps_by_fold"] if values.get("data") is None and f not in SITES]
+    if named:
+        raise ValueError(f"teacher_steps names unknown fold(s) {named}; the sites are {list(SITES)}")
+    unset = [f for f in folds if default_steps is None and f not in values["teacher_steps_by_fold"]]
+    if unset:
+        raise ValueError(f"teacher_steps gives no steps for fold(s) {unset}: add a number for the folds not named "
+                         f"(e.g. 900,UCL=1600)")
+    values["teacher_steps"] = default_steps if default_steps is not None else min(values["teacher_steps_by_fold"].values())
     if str(values.get("teacher_seed")).lower() in ("each", "none"):
         values["teacher_seed"] = None  # one teacher per (fold, seed)
     elif values.get("teacher_seed") is not None:
@@ -268,7 +311,7 @@ def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
         raise ValueError("folds, seeds and rows must not be empty")
     s = Settings(out=Path(out).resolve(), folds=folds, seeds=seeds, rows=rows,
                  **{k: values.pop(k) for k in list(values) if k in Settings.__dataclass_fields__})
-    for name in ("student_steps", "teacher_steps", "val_every", "last_k", "image_size", "size", "batch_size"):
+    for name in ("student_steps", "val_every", "last_k", "image_size", "size", "batch_size"):
         if int(getattr(s, name)) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(s, name)}")
     if s.teacher_output_stride is not None and s.teacher_output_stride not in (8, 16):
@@ -277,9 +320,9 @@ def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
         s.teacher_precision = None
     if s.teacher_precision not in (None, "bfloat16", "float16"):
         raise ValueError(f"teacher_precision must be bfloat16, float16 or float32, got {s.teacher_precision!r}")
-    if s.last_k * s.val_every > min(s.student_steps, s.teacher_steps) + s.val_every - 1:
-        raise ValueError(f"last_k ({s.last_k}) evaluations every {s.val_every} steps do not fit in "
-                         f"{min(s.student_steps, s.teacher_steps)} steps")
+    shortest = min([s.student_steps] + [s.teacher_steps_for(f) for f in s.folds])
+    if s.last_k * s.val_every > shortest + s.val_every - 1:
+        raise ValueError(f"last_k ({s.last_k}) evaluations every {s.val_every} steps do not fit in {shortest} steps")
     return s
 
 
@@ -296,17 +339,24 @@ def estimate_seconds(s: Settings) -> float:
     48x48 (scaled by pixels and batch size); two workers take about half."""
     f = (s.image_size / 48) ** 2 * (s.batch_size / 16)
     evals_s = -(-s.student_steps // s.val_every) + s.last_k
-    evals_t = -(-s.teacher_steps // s.val_every) + s.last_k
-    per_cell = {"teacher": s.teacher_steps * _STEP_S["teacher"] * f + evals_t * _EVAL_S["teacher"] + _CELL_S}
+    per_cell: dict[str, float] = {}
     for row in ROWS:
         kind = "kd_relational" if relational(row) else "kd" if distils(row) else "no_kd"
         per_cell[row] = s.student_steps * _STEP_S[kind] * f + evals_s * _EVAL_S["student"] + _CELL_S
     rows = set(s.rows) | ({"teacher"} if any(r != "teacher" and distils(r) for r in s.rows) else set())
     n_teachers = len(s.folds) * len(s.teacher_seeds())
-    teachers = per_cell["teacher"] * n_teachers if "teacher" in rows else 0.0
+    teachers = sum(teacher_seconds(s, fold) for fold in s.folds) * len(s.teacher_seeds()) if "teacher" in rows else 0.0
     fill = _CACHE_FILL_S * f * n_teachers if s.cache and any(distils(r) for r in rows - {"teacher"}) else 0.0
     msan = _MSAN_S * f * n_teachers if any(r in GKD_ROWS for r in rows) else 0.0
     return teachers + fill + msan + sum(per_cell[r] for r in rows - {"teacher"}) * len(s.folds) * len(s.seeds)
+
+
+def teacher_seconds(s: Settings, fold: str) -> float:
+    """Rough estimate of the seconds of ``fold``'s teacher cell in one process (see :func:`estimate_seconds`)."""
+    f = (s.image_size / 48) ** 2 * (s.batch_size / 16)
+    steps = s.teacher_steps_for(fold)
+    evals = -(-steps // s.val_every) + s.last_k
+    return steps * _STEP_S["teacher"] * f + evals * _EVAL_S["teacher"] + _CELL_S
 
 
 class Progress:
@@ -725,8 +775,9 @@ def run(s: Settings) -> list[dict[str, Any]]:
             if r != "teacher" or sd in s.teacher_seeds()]
     plan = [c for c in plan if c[2] == "teacher" or c[1] in s.seeds]
     todo = [c for c in plan if s.cell_todo(*c)]
+    teacher_steps = ", ".join(f"{f} {s.teacher_steps_for(f)}" for f in s.folds)
     print(f"generalization: folds {s.folds}, seeds {s.seeds}, rows {rows}; students {s.student_steps} / teacher "
-          f"{s.teacher_steps} steps of {s.batch_size} slices at {s.image_size}x{s.image_size}, validation every "
+          f"({teacher_steps}) steps of {s.batch_size} slices at {s.image_size}x{s.image_size}, validation every "
           f"{s.val_every}, score over the last {s.last_k}; {len(plan)} cells, {len(todo)} to run "
           f"(rough estimate for all {len(plan)}: {estimate_seconds(s) / 60:.0f} min in one process). Output: {s.out}",
           flush=True)
@@ -746,14 +797,14 @@ def run(s: Settings) -> list[dict[str, Any]]:
             for row in rows:
                 if (fold, seed, row) not in plan:
                     continue
-                cell_dir, settings = fs_dir / row, s.cell_settings(row)
+                cell_dir, settings = fs_dir / row, s.cell_settings(row, fold)
                 if not s.cell_todo(fold, seed, row):
                     continue
                 configs: tuple[str, ...] = ("train.json",)
                 extra_record: dict[str, Any] = {}
                 if row == "teacher":
                     bundle, network, dist = bundles / TEACHER, "deeplabv3plus", None
-                    extra: dict[str, Any] = {"num_steps": s.teacher_steps, **s.teacher_overrides(row),
+                    extra: dict[str, Any] = {"num_steps": s.teacher_steps_for(fold), **s.teacher_overrides(row),
                                              **s.teacher_training_overrides()}
                     tap = "aspp"
                 else:
@@ -855,8 +906,10 @@ def plan_jobs(s: Settings) -> list[Job]:
             first = first or jobs[-1].name
     # teachers first (every student waits for one), then the jobs that wait for no other student job (with GKD rows,
     # each fold's first seed), so that no worker idles at the end while a fold's later seeds wait for its first
+    # the longest teacher starts first, so that it does not run alone at the end of the teachers
     teachers = {j.name for j in jobs if j.rows == ["teacher"]}
-    return sorted(jobs, key=lambda j: (j.rows != ["teacher"], any(a not in teachers for a in j.after)))
+    return sorted(jobs, key=lambda j: (j.rows != ["teacher"], -s.teacher_steps_for(j.fold) if j.name in teachers else 0,
+                                       any(a not in teachers for a in j.after)))
 
 
 def runs_side_by_side(jobs: Sequence[Job]) -> bool:
@@ -951,7 +1004,7 @@ def run_in_children(s: Settings, jobs: Sequence[Job], args: dict[str, Any], work
 
 def main(out: str = "relkd_generalization", quick: bool = False, folds: str | None = None,
          seeds: str | None = None, rows: str | None = None, scale: float | None = None, size: int | None = None,
-         image_size: int | None = None, student_steps: int | None = None, teacher_steps: int | None = None,
+         image_size: int | None = None, student_steps: int | None = None, teacher_steps: int | str | None = None,
          val_every: int | None = None, last_k: int | None = None, batch_size: int | None = None,
          num_samples: int | None = None, cache: bool = True, teacher_seed: int | str | None = None,
          data: str | None = None, data_seed: int = 0,
@@ -967,7 +1020,10 @@ def main(out: str = "relkd_generalization", quick: bool = False, folds: str | No
             standard rows teacher,no_kd,hinton,skd,full).
         scale, size: synthetic set (fraction of the public case counts; in-plane matrix).
         image_size: in-plane size the networks see.
-        student_steps, teacher_steps, val_every: schedule in optimizer steps.
+        student_steps, teacher_steps, val_every: schedule in optimizer steps. ``teacher_steps`` is one number for
+            every fold, ``FOLD=N`` pairs, or both: the default ``900,UCL=1600`` gives UCL's teacher 1600 steps and
+            the others 900 (each teacher's plateau by the rule of ``docs/results.md``). A fold's students distilled
+            from a teacher of other steps are re-run.
         last_k: held-out evaluations averaged into the score (the last ``last_k`` validations).
         batch_size, num_samples: slices per step; slices drawn per volume.
         cache: students read the teacher through a TeacherOutputCache (the teacher sees the slice before intensity

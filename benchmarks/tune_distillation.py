@@ -71,7 +71,7 @@ def main(out: str = "relkd_generalization", grid: str = " ".join(DEFAULT_GRID), 
               "image_size": s.image_size, "num_samples": s.num_samples, "batch_size": s.batch_size,
               "num_workers": 0, "val_every_steps": s.val_every}
     tune_dir = s.out / "tuning" / f"{student}_{site}_seed{seed}"
-    settings = {**s.cell_settings(student), "student": student}
+    settings = {**s.cell_settings(student, site), "student": student}
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     for i, point in enumerate(points):

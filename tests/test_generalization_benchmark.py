@@ -210,7 +210,7 @@ def test_teacher_output_stride_reaches_the_teacher_and_the_students_that_read_it
         gen.make_settings(str(tmp_path), quick=True, teacher_output_stride=4)
     s = gen.make_settings(str(tmp_path), quick=True, teacher_output_stride=8)
     assert s.teacher_overrides("no_kd") == {"distillation#teacher#network_def#output_stride": 8}
-    assert "teacher_output_stride" not in s.cell_settings("no_kd")  # reads no teacher: its cells stay valid
+    assert "teacher_output_stride" not in s.cell_settings("no_kd", "HK")  # reads no teacher: its cells stay valid
     assert gen.make_settings(str(tmp_path), quick=True).teacher_overrides("teacher") == {}
     out = tmp_path / "os8"
     gen.main(out=str(out), quick=True, rows="hinton", teacher_output_stride=8)
@@ -229,13 +229,44 @@ def test_teacher_precision_trains_the_teacher_under_autocast_and_re_runs_the_stu
     assert s.teacher_training_overrides()["train#inferer"] == {
         "_target_": "monai_relkd.inferers.AutocastInferer", "dtype": "bfloat16"}
     assert gen.make_settings(str(tmp_path), quick=True, teacher_precision="float32").teacher_training_overrides() == {}
-    assert s.cell_settings("teacher")["teacher_precision"] == "bfloat16"
-    assert s.cell_settings("full")["teacher_precision"] == "bfloat16"
-    assert "teacher_precision" not in s.cell_settings("no_kd")  # reads no teacher: its cells stay valid
+    assert s.cell_settings("teacher", "HK")["teacher_precision"] == "bfloat16"
+    assert s.cell_settings("full", "HK")["teacher_precision"] == "bfloat16"
+    assert "teacher_precision" not in s.cell_settings("no_kd", "HK")  # reads no teacher: its cells stay valid
     # a student distilled from a teacher of other steps is not "done": before, it was kept after a teacher re-run
     longer = gen.make_settings(str(tmp_path), quick=True, teacher_steps=6)
-    assert longer.cell_settings("full") != s.cell_settings("full")
-    assert longer.cell_settings("no_kd") == s.cell_settings("no_kd")
+    assert longer.cell_settings("full", "HK") != s.cell_settings("full", "HK")
+    assert longer.cell_settings("no_kd", "HK") == s.cell_settings("no_kd", "HK")
+
+
+def test_teacher_steps_are_given_per_fold_and_re_run_only_that_fold_s_distilled_students(gen, tmp_path):
+    assert gen.parse_teacher_steps("900,UCL=1600") == (900, {"UCL": 1600})
+    assert gen.parse_teacher_steps(1200) == (1200, {})
+    assert gen.parse_teacher_steps({"HK": 300}) == (None, {"HK": 300})
+    for bad, match in (("900,1200", "two numbers"), ("UCL=0", "not a number"), ("UCL=x", "not a number"),
+                       ("=900", "not a number"), ("", None)):
+        with pytest.raises(ValueError, match=match):
+            gen.make_settings(str(tmp_path), teacher_steps=bad)
+    with pytest.raises(ValueError, match=r"unknown fold\(s\) \['Mars'\]"):
+        gen.make_settings(str(tmp_path), teacher_steps="900,Mars=1600")
+    with pytest.raises(ValueError, match=r"no steps for fold\(s\) \['BMC'\]"):
+        gen.make_settings(str(tmp_path), teacher_steps="HK=900,UCL=1600")
+    with pytest.raises(ValueError, match="do not fit in 200 steps"):
+        gen.make_settings(str(tmp_path), teacher_steps="900,BMC=200", val_every=100, last_k=3)
+
+    s = gen.make_settings(str(tmp_path))  # the default: UCL's teacher at its plateau, the others at 900 steps
+    assert [s.teacher_steps_for(f) for f in s.folds] == [900, 1600, 900]
+    assert s.cell_settings("teacher", "UCL")["steps"] == 1600 and s.cell_settings("full", "UCL")["teacher_steps"] == 1600
+    flat = gen.make_settings(str(tmp_path), teacher_steps=900)
+    for fold in ("HK", "BMC"):  # other folds' cells stay done when one fold's teacher changes
+        assert all(s.cell_settings(r, fold) == flat.cell_settings(r, fold) for r in ("teacher", "no_kd", "full"))
+    assert s.cell_settings("no_kd", "UCL") == flat.cell_settings("no_kd", "UCL")
+    assert s.cell_settings("full", "UCL") != flat.cell_settings("full", "UCL")
+    assert gen.estimate_seconds(s) > gen.estimate_seconds(flat)
+    named = gen.make_settings(str(tmp_path), folds="HK", teacher_steps="HK=300")
+    assert named.teacher_steps_for("HK") == 300
+    # a child process gets the same steps from the parent's flag
+    argv = gen.child_command({"teacher_steps": "900,UCL=1600"}, gen.plan_jobs(s)[0])
+    assert "--teacher_steps=900,UCL=1600" in argv
 
 
 def test_fsd_builds_the_network_with_the_cell_s_overrides():
@@ -248,7 +279,7 @@ def test_fsd_builds_the_network_with_the_cell_s_overrides():
 
 def test_plan_jobs_trains_each_fold_teacher_before_its_students(gen, tmp_path):
     jobs = gen.plan_jobs(gen.make_settings(str(tmp_path)))
-    assert [j.name for j in jobs[:3]] == ["HK_teacher", "UCL_teacher", "BMC_teacher"]
+    assert [j.name for j in jobs[:3]] == ["UCL_teacher", "HK_teacher", "BMC_teacher"]  # the longest teacher first
     students = {j.name: j for j in jobs[3:]}
     assert len(students) == 9 and students["UCL_seed2"].after == ["UCL_teacher"]
     assert students["UCL_seed2"].rows == ["no_kd", "hinton", "skd", "full"] and students["UCL_seed2"].seeds == [2]
@@ -266,7 +297,7 @@ def test_plan_jobs_trains_each_fold_teacher_before_its_students(gen, tmp_path):
     s = gen.make_settings(str(tmp_path), folds="HK", rows="hinton")  # a finished teacher is not waited for
     cell = tmp_path / "cells" / "HK_seed0" / "teacher"
     cell.mkdir(parents=True)
-    (cell / "cell.json").write_text(json.dumps({"settings": s.cell_settings("teacher")}))
+    (cell / "cell.json").write_text(json.dumps({"settings": s.cell_settings("teacher", "HK")}))
     assert [(j.name, j.after) for j in gen.plan_jobs(s)] == [(f"HK_seed{i}", []) for i in range(3)]
     forced = gen.make_settings(str(tmp_path), folds="HK", rows="hinton", force=True)  # --force: the rows asked for
     assert not forced.cell_todo("HK", 0, "teacher") and forced.cell_todo("HK", 0, "hinton")
