@@ -156,6 +156,16 @@ def test_new_student_writes_a_valid_bundle_with_the_real_in_out_spec(tmp_path):
     assert net(torch.zeros(1, 1, 12, 12)).shape == (1, 2, 12, 12)
 
 
+def test_a_card_warning_follows_the_tuning_sentence_and_an_unknown_card_key_is_refused(tmp_path):
+    new_student(UNET, TEACHER, tmp_path / "warned", network_args=json.dumps(UNET_ARGS), taps="model.1.submodule=aspp",
+                card={"tuning_warning": "  They do not suit UNet. "})
+    readme = (tmp_path / "warned" / "docs" / "README.md").read_text()
+    assert "carried over to UNet untuned. They do not suit UNet. One seed" in " ".join(readme.split())
+    with pytest.raises(ValueError, match=r"unknown keys \['tuning_warnings'\]"):
+        new_student(UNET, TEACHER, tmp_path / "typo", network_args=json.dumps(UNET_ARGS), taps="model.1.submodule=aspp",
+                    card={"tuning_warnings": "x"})
+
+
 def test_new_student_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="cannot be imported"):
         new_student("monai.networks.nets.NoSuchNet", TEACHER, tmp_path / "a")

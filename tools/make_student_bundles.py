@@ -56,10 +56,10 @@ STUDENTS: dict[str, dict] = {
                          "Pyramid of Dilated Convolutions for Semantic Segmentation. ECCV 2018.",
             "card_reference": "S. Mehta, M. Rastegari, A. Caspi, L. Shapiro, H. Hajishirzi. ESPNet: Efficient "
                               "Spatial Pyramid of Dilated Convolutions for Semantic Segmentation. ECCV 2018.",
-            "tuning_note": "They were tuned on ENet and carried over to ESPNet untuned, and they do not suit it: on "
-                           "the synthetic leave-one-site-out benchmark ESPNet distilled with them predicted "
-                           "background only for its first 300-500 steps, and on one fold of three (BMC held out) "
-                           "for all 800. Re-tune them on your validation split before distilling ESPNet. ",
+            "tuning_warning": "They do not suit ESPNet: on the synthetic leave-one-site-out benchmark ESPNet "
+                              "distilled with them predicted background only for its first 300-500 steps, and on "
+                              "one fold of three (BMC held out) for all 800. Re-tune them on your validation split "
+                              "before distilling ESPNet.",
             **TEACHER_CARD,
         },
     },

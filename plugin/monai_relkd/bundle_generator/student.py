@@ -179,7 +179,8 @@ def _probe_teacher(network_def: str, input_shape: tuple[int, ...]) -> tuple[list
 def _card_values(
     network: str, display_name: str, card: Mapping[str, Any], teacher_def: Mapping[str, Any], teacher_params: int,
 ) -> dict[str, Any]:
-    known = {"citation", "reference", "card_reference", "teacher_display", "teacher_summary", "tuning_note"}
+    known = {"citation", "reference", "card_reference", "teacher_display", "teacher_summary", "tuning_note",
+             "tuning_warning"}
     unknown = set(card) - known
     if unknown:
         raise ValueError(f"--card has unknown keys {sorted(unknown)}; known: {sorted(known)}.")
@@ -199,7 +200,8 @@ def _card_values(
                                     else teacher_class),
         "teacher_params": f"{teacher_params / 1e6:.0f} M",
         "tuning_note": card.get("tuning_note", "" if tuned else
-                                f"They were tuned on ENet and carried over to {display_name} untuned. "),
+                                f"They were tuned on ENet and carried over to {display_name} untuned. ")
+        + (f"{str(card['tuning_warning']).strip()} " if card.get("tuning_warning") else ""),
     }
 
 
@@ -296,7 +298,7 @@ def new_student(
         display_name: the network's name in the model card (default: the class name).
         card: model-card text (dict or JSON): ``citation`` (short, "Paszke et al., 2016"), ``reference`` (metadata
             style), ``card_reference`` (model-card style), ``teacher_display``, ``teacher_summary``,
-            ``tuning_note``.
+            ``tuning_note`` (replaces the sentence on how the λ were chosen), ``tuning_warning`` (added after it).
         gkd: also write the generalizable-distillation configs (``gkd.json``, ``gkd_only.json``) and their section.
         overwrite: replace generated files that exist (never any other file of ``out``).
 
@@ -368,7 +370,7 @@ def new_student_command(
         name: bundle name (default: the folder name of out).
         display_name: the network's name in the model card (default: the class name).
         card: model-card text as JSON: citation, reference, card_reference, teacher_display, teacher_summary,
-            tuning_note.
+            tuning_note, tuning_warning.
         gkd: also write the generalizable-distillation configs.
         overwrite: replace the generated files of an existing bundle (other files are never touched).
     """
