@@ -143,8 +143,8 @@ def distils(row: str) -> bool:
 
 DEFAULTS: dict[str, Any] = dict(
     folds="HK,UCL,BMC", seeds="0,1,2", rows=",".join(STANDARD_ROWS), scale=1.0, size=96, image_size=48,
-    student_steps=800, teacher_steps="900,UCL=1600", val_every=100, last_k=3, batch_size=16, num_samples=4, teacher_seed=0,
-    teacher_precision="bfloat16",
+    student_steps=800, teacher_steps="900,UCL=1600", val_every=100, last_k=3, batch_size=16, num_samples=4,
+    teacher_seed=0, teacher_precision="bfloat16",
 )
 QUICK: dict[str, Any] = dict(
     folds="HK", seeds="0", rows="teacher,no_kd,full", scale=0.15, size=32, image_size=32, student_steps=4,
@@ -302,7 +302,7 @@ def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
     if unset:
         raise ValueError(f"teacher_steps gives no steps for fold(s) {unset}: add a number for the folds not named "
                          f"(e.g. 900,UCL=1600)")
-    values["teacher_steps"] = default_steps if default_steps is not None else min(values["teacher_steps_by_fold"].values())
+    values["teacher_steps"] = min(values["teacher_steps_by_fold"].values()) if default_steps is None else default_steps
     if str(values.get("teacher_seed")).lower() in ("each", "none"):
         values["teacher_seed"] = None  # one teacher per (fold, seed)
     elif values.get("teacher_seed") is not None:

@@ -255,7 +255,8 @@ def test_teacher_steps_are_given_per_fold_and_re_run_only_that_fold_s_distilled_
 
     s = gen.make_settings(str(tmp_path))  # the default: UCL's teacher at its plateau, the others at 900 steps
     assert [s.teacher_steps_for(f) for f in s.folds] == [900, 1600, 900]
-    assert s.cell_settings("teacher", "UCL")["steps"] == 1600 and s.cell_settings("full", "UCL")["teacher_steps"] == 1600
+    assert s.cell_settings("teacher", "UCL")["steps"] == 1600
+    assert s.cell_settings("full", "UCL")["teacher_steps"] == 1600
     flat = gen.make_settings(str(tmp_path), teacher_steps=900)
     for fold in ("HK", "BMC"):  # other folds' cells stay done when one fold's teacher changes
         assert all(s.cell_settings(r, fold) == flat.cell_settings(r, fold) for r in ("teacher", "no_kd", "full"))
