@@ -184,7 +184,7 @@ class Settings:
     size: int
     image_size: int
     student_steps: int
-    teacher_steps: int
+    teacher_steps: dict[str, int]  # per fold of ``folds`` (:func:`parse_teacher_steps`)
     val_every: int
     last_k: int
     batch_size: int
@@ -198,12 +198,11 @@ class Settings:
     merge: str | None = None
     teacher_output_stride: int | None = None
     teacher_precision: str | None = None
-    teacher_steps_by_fold: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def teacher_steps_for(self, fold: str) -> int:
-        """The optimizer steps of ``fold``'s teacher: its own (``--teacher_steps UCL=1600``) or ``teacher_steps``."""
-        return int(self.teacher_steps_by_fold.get(fold, self.teacher_steps))
+        """The optimizer steps of ``fold``'s teacher (``--teacher_steps``: ``900,UCL=1600`` gives UCL 1600)."""
+        return self.teacher_steps[fold]
 
     def cell_settings(self, row: str, fold: str) -> dict[str, Any]:
         """What the cell (``fold``, any seed, ``row``)'s result depends on (a cell is re-run when this changes)."""
@@ -291,18 +290,17 @@ def make_settings(out: str, quick: bool = False, **flags: Any) -> Settings:
     if unknown:
         raise ValueError(f"unknown row(s) {unknown}; choose from {['teacher', *ROWS]}")
     folds = _csv(values.pop("folds"))
-    if values.get("data") is None and [f for f in folds if f not in SITES]:
-        raise ValueError(f"unknown fold(s) {[f for f in folds if f not in SITES]}; the sites are {list(SITES)}")
+    default_steps, steps_by_fold = parse_teacher_steps(values["teacher_steps"])
+    for what, names in (("", folds), ("teacher_steps names ", steps_by_fold)):
+        unknown_folds = [f for f in names if values.get("data") is None and f not in SITES]
+        if unknown_folds:
+            raise ValueError(f"{what}unknown fold(s) {unknown_folds}; the sites are {list(SITES)}")
     seeds = [int(s) for s in _csv(values.pop("seeds"))]
-    default_steps, values["teacher_steps_by_fold"] = parse_teacher_steps(values["teacher_steps"])
-    named = [f for f in values["teacher_steps_by_fold"] if values.get("data") is None and f not in SITES]
-    if named:
-        raise ValueError(f"teacher_steps names unknown fold(s) {named}; the sites are {list(SITES)}")
-    unset = [f for f in folds if default_steps is None and f not in values["teacher_steps_by_fold"]]
+    unset = [f for f in folds if default_steps is None and f not in steps_by_fold]
     if unset:
         raise ValueError(f"teacher_steps gives no steps for fold(s) {unset}: add a number for the folds not named "
                          f"(e.g. 900,UCL=1600)")
-    values["teacher_steps"] = min(values["teacher_steps_by_fold"].values()) if default_steps is None else default_steps
+    values["teacher_steps"] = {f: steps_by_fold.get(f, default_steps) for f in folds}
     if str(values.get("teacher_seed")).lower() in ("each", "none"):
         values["teacher_seed"] = None  # one teacher per (fold, seed)
     elif values.get("teacher_seed") is not None:
@@ -337,7 +335,7 @@ def row_overrides(row: str, defaults: dict[str, Any]) -> dict[str, Any]:
 def estimate_seconds(s: Settings) -> float:
     """Rough estimate of the seconds of one process for the runs still to do, from the per-step costs measured at
     48x48 (scaled by pixels and batch size); two workers take about half."""
-    f = (s.image_size / 48) ** 2 * (s.batch_size / 16)
+    f = _size_factor(s)
     evals_s = -(-s.student_steps // s.val_every) + s.last_k
     per_cell: dict[str, float] = {}
     for row in ROWS:
@@ -353,10 +351,14 @@ def estimate_seconds(s: Settings) -> float:
 
 def teacher_seconds(s: Settings, fold: str) -> float:
     """Rough estimate of the seconds of ``fold``'s teacher cell in one process (see :func:`estimate_seconds`)."""
-    f = (s.image_size / 48) ** 2 * (s.batch_size / 16)
     steps = s.teacher_steps_for(fold)
     evals = -(-steps // s.val_every) + s.last_k
-    return steps * _STEP_S["teacher"] * f + evals * _EVAL_S["teacher"] + _CELL_S
+    return steps * _STEP_S["teacher"] * _size_factor(s) + evals * _EVAL_S["teacher"] + _CELL_S
+
+
+def _size_factor(s: Settings) -> float:
+    """The per-step costs measured at 48x48 and 16 slices, scaled by pixels and batch size."""
+    return (s.image_size / 48) ** 2 * (s.batch_size / 16)
 
 
 class Progress:
